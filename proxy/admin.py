@@ -1,0 +1,270 @@
+"""The admin API under /meter/: agents, policies, pauses, intents, spend, recent calls.
+
+Every endpoint here needs `Authorization: Bearer <admin.token>`, compared in constant
+time; without a token in the config the admin API is off and says so.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.budgets import COST_WINDOWS, INTENT_COST_LIMIT, validate_policy_json
+from proxy.errors import ProxyFault
+from proxy.heartbeat import heartbeat
+from proxy.ids import IdError, validate_id
+from proxy.money import usd_exact
+from proxy.reports import ReportError, parse_time, spend_report
+from proxy.schema import FieldError
+from proxy.services import SERVICES, Services
+
+log = logging.getLogger("meterproxy.admin")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def authorize(request: web.Request) -> Services:
+    svc = request.app[SERVICES]
+    token = svc.config.admin_token
+    if token is None:
+        raise ProxyFault(
+            403,
+            "admin_disabled",
+            "meterproxy: the admin API is off; set admin.token in the config file to turn it on",
+        )
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
+        log.warning(
+            "admin: refused %s %s from %s (%s)",
+            request.method,
+            request.path,
+            request.remote,
+            "no bearer token" if not presented else "wrong token",
+        )
+        raise ProxyFault(
+            401,
+            "invalid_admin_token",
+            "meterproxy: this endpoint needs 'Authorization: Bearer <admin token>'",
+        )
+    return svc
+
+
+def admin(handler: Callable[[web.Request, Services], Awaitable[web.StreamResponse]]) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request, authorize(request))
+        except ProxyFault as fault:
+            return fault.response()
+
+    return wrapped
+
+
+def _agent(request: web.Request) -> str:
+    agent = request.match_info["agent"]
+    try:
+        return validate_id(agent, "agent")
+    except IdError as e:
+        raise ProxyFault(400, "invalid_agent_id", f"meterproxy: {e.reason}") from None
+
+
+async def _body(request: web.Request, *, optional: bool = False) -> Any:
+    raw = await request.read()
+    if not raw.strip() and optional:
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise ProxyFault(
+            400, "invalid_json", f"meterproxy: the body is not valid JSON ({e})"
+        ) from None
+
+
+def known_agents(svc: Services) -> list[str]:
+    names = set(svc.enforcer.agents) | svc.enforcer.policies.names() | set(svc.enforcer.paused)
+    return sorted(names)
+
+
+@admin
+async def list_agents(request: web.Request, svc: Services) -> web.StreamResponse:
+    now = svc.clock()
+    return json_response({"agents": [svc.enforcer.status(a, now) for a in known_agents(svc)]})
+
+
+@admin
+async def get_agent(request: web.Request, svc: Services) -> web.StreamResponse:
+    return json_response(svc.enforcer.status(_agent(request), svc.clock()))
+
+
+@admin
+async def put_policy(request: web.Request, svc: Services) -> web.StreamResponse:
+    agent = _agent(request)
+    data = await _body(request)
+    try:
+        policy = validate_policy_json(data)
+    except FieldError as e:
+        raise ProxyFault(
+            400, "invalid_policy", f"meterproxy: policy {e.describe()}", param=e.key
+        ) from None
+    now = svc.clock()
+    await svc.storage.put_policy(agent, orjson.dumps(policy.source).decode(), now)
+    enforcer = svc.enforcer
+    enforcer.policies = enforcer.policies.with_api({**enforcer.policies.api, agent: policy})
+    log.info("admin: policy of agent '%s' set through the API: %s", agent, policy.source)
+    return json_response(enforcer.status(agent, now))
+
+
+@admin
+async def delete_policy(request: web.Request, svc: Services) -> web.StreamResponse:
+    agent = _agent(request)
+    removed = await svc.storage.delete_policy(agent)
+    api = dict(svc.enforcer.policies.api)
+    removed = api.pop(agent, None) is not None or removed
+    if not removed:
+        raise ProxyFault(
+            404, "no_api_policy", f"meterproxy: agent '{agent}' has no policy set through the API"
+        )
+    svc.enforcer.policies = svc.enforcer.policies.with_api(api)
+    log.info("admin: API policy of agent '%s' removed; the config's applies again", agent)
+    return json_response(svc.enforcer.status(agent, svc.clock()))
+
+
+@admin
+async def pause_agent(request: web.Request, svc: Services) -> web.StreamResponse:
+    agent = _agent(request)
+    data = await _body(request, optional=True)
+    reason = data.get("reason") if isinstance(data, dict) else None
+    if reason is not None and not isinstance(reason, str):
+        raise ProxyFault(
+            400, "invalid_reason", "meterproxy: 'reason' must be a string", param="reason"
+        )
+    now = svc.clock()
+    await svc.enforcer.pause(agent, reason or "paused through the admin API", now)
+    log.warning("admin: agent '%s' paused (%s)", agent, reason or "no reason given")
+    return json_response(svc.enforcer.status(agent, now))
+
+
+@admin
+async def resume_agent(request: web.Request, svc: Services) -> web.StreamResponse:
+    agent = _agent(request)
+    now = svc.clock()
+    was_paused = await svc.enforcer.resume(agent, now)
+    log.warning("admin: agent '%s' resumed%s", agent, "" if was_paused else " (was not paused)")
+    return json_response(svc.enforcer.status(agent, now))
+
+
+@admin
+async def get_intent(request: web.Request, svc: Services) -> web.StreamResponse:
+    intent = request.match_info["intent"]
+    row = await svc.storage.intent(intent)
+    state = svc.enforcer.intents.get(intent)
+    if row is None and state is None:
+        raise ProxyFault(
+            404, "unknown_intent", f"meterproxy: no calls recorded for intent '{intent}'"
+        )
+    agent = state.agent if state is not None else row.agent  # type: ignore[union-attr]
+    spent = state.used if state is not None else row.cost_pico  # type: ignore[union-attr]
+    out: dict[str, Any] = {
+        "intent": intent,
+        "agent": agent,
+        "spent_usd": usd_exact(spent),
+        "reserved_usd": usd_exact(state.reserved if state is not None else 0),
+    }
+    if row is not None:
+        out |= {
+            "first_seen": svc.enforcer.calendar.iso(row.first_seen),
+            "last_seen": svc.enforcer.calendar.iso(row.last_seen),
+            "requests": row.requests,
+            "llm_calls": row.llm_calls,
+            "input_tokens": row.input_tokens,
+            "output_tokens": row.output_tokens,
+            "unpriced": row.unpriced,
+        }
+    limits = []
+    policy, _ = svc.enforcer.policies.for_agent(agent)
+    for scope, p in (("agent", policy), ("global", svc.enforcer.policies.global_policy)):
+        if p is not None and p.cost_per_intent is not None:
+            limits.append(
+                {
+                    "scope": scope,
+                    "limit": INTENT_COST_LIMIT,
+                    "limit_usd": usd_exact(p.cost_per_intent),
+                    "remaining_usd": usd_exact(max(p.cost_per_intent - spent, 0)),
+                    "action": p.action,
+                }
+            )
+    out["limits"] = limits
+    return json_response(out)
+
+
+@admin
+async def get_spend(request: web.Request, svc: Services) -> web.StreamResponse:
+    q = request.query
+    cal = svc.enforcer.calendar
+    now = svc.clock()
+    try:
+        report = await spend_report(
+            svc.storage,
+            cal,
+            by=q.get("by", "agent"),
+            window=q.get("window") or None,
+            since=parse_time(q["since"], cal, now, "since") if q.get("since") else None,
+            until=parse_time(q["until"], cal, now, "until") if q.get("until") else None,
+            agent=q.get("agent") or None,
+        )
+    except ReportError as e:
+        raise ProxyFault(400, "invalid_query", f"meterproxy: {e}", param=e.param) from None
+    fmt = q.get("format", "json")
+    if fmt == "csv":
+        return web.Response(text=report.to_csv(), content_type="text/csv")
+    if fmt != "json":
+        raise ProxyFault(
+            400, "invalid_query", "meterproxy: format must be json or csv", param="format"
+        )
+    return json_response(report.to_json())
+
+
+@admin
+async def recent_calls(request: web.Request, svc: Services) -> web.StreamResponse:
+    try:
+        limit = min(max(int(request.query.get("limit", "50")), 1), 1000)
+    except ValueError:
+        raise ProxyFault(
+            400, "invalid_query", "meterproxy: limit must be a number", param="limit"
+        ) from None
+    rows = await svc.storage.recent_calls(limit, request.query.get("agent") or None)
+    cal = svc.enforcer.calendar
+    for row in rows:
+        cost = row.pop("cost_pico")
+        row["cost_usd"] = usd_exact(cost) if cost is not None else None
+        row["reserved_usd"] = usd_exact(row.pop("reserved_pico"))
+        row["started_at"] = cal.iso(row["started_at"])
+        row["ended_at"] = cal.iso(row["ended_at"])
+        row["stream"] = bool(row["stream"])
+        row["refused"] = bool(row["refused"])
+    return json_response({"calls": rows})
+
+
+def add_admin_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/meter/agents", list_agents)
+    r.add_get("/meter/agents/{agent}", get_agent)
+    r.add_put("/meter/agents/{agent}/policy", put_policy)
+    r.add_delete("/meter/agents/{agent}/policy", delete_policy)
+    r.add_post("/meter/agents/{agent}/pause", pause_agent)
+    r.add_post("/meter/agents/{agent}/resume", resume_agent)
+    r.add_get("/meter/intents/{intent}", get_intent)
+    r.add_get("/meter/spend", get_spend)
+    r.add_get("/meter/calls", recent_calls)
+    r.add_post("/meter/heartbeat", heartbeat)
+
+
+__all__ = ["COST_WINDOWS", "add_admin_routes", "authorize", "json_response"]

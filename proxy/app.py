@@ -1,0 +1,134 @@
+"""The application factory: `create_app(config)` with every resource in `cleanup_ctx`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.attribution import KeyRing
+from proxy.budgets import Calendar, validate_policy_json
+from proxy.config import Config
+from proxy.enforcer import Enforcer
+from proxy.events import EventBus
+from proxy.handler import proxy_handler
+from proxy.ledger import LedgerWriter
+from proxy.pricing import PriceTable, load_price_table
+from proxy.reload import Reloader
+from proxy.schema import FieldError
+from proxy.services import SERVICES, Services
+from proxy.storage import open_storage
+from proxy.tokens import TokenCounter
+from proxy.upstream import make_session
+
+log = logging.getLogger("meterproxy")
+
+
+@dataclass(frozen=True)
+class Options:
+    clock: Callable[[], float] = time.time
+    reparse: Callable[[], Config] | None = None  # re-read the config file (hot reload)
+    prices: PriceTable | None = None
+
+
+OPTIONS = web.AppKey("meterproxy.options", Options)
+RELOADER = web.AppKey("meterproxy.reloader", Reloader)
+
+
+def create_app(config: Config, options: Options | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app[OPTIONS] = options or Options()
+    app.cleanup_ctx.append(_services_ctx(config))
+    app.router.add_route("*", "/v1/{tail:.*}", proxy_handler)
+    app.router.add_route("*", "/agents/{agent}/v1/{tail:.*}", proxy_handler)
+    app.router.add_get("/meter/health", health)
+    from proxy.admin import add_admin_routes
+
+    add_admin_routes(app)
+    return app
+
+
+def _services_ctx(
+    config: Config,
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        options = app[OPTIONS]
+        clock = options.clock
+        tokens = TokenCounter()
+        loading = asyncio.create_task(asyncio.to_thread(tokens.load))
+        prices = options.prices
+        if prices is None:
+            prices = await asyncio.to_thread(load_price_table, config.pricing_path)
+        storage = await open_storage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
+        bus = EventBus()
+        try:
+            api_policies = {
+                agent: validate_policy_json(_json(text))
+                for agent, text in (await storage.policies()).items()
+            }
+        except FieldError as e:
+            await storage.close()
+            raise RuntimeError(f"a policy stored in the database is invalid: {e}") from None
+        enforcer = Enforcer(
+            Calendar(config.timezone),
+            config.policies.with_api(api_policies),
+            bus,
+            storage,
+            thresholds=config.alerts.thresholds,
+        )
+        await enforcer.load(storage, clock())
+        ledger = LedgerWriter(storage)
+        ledger.start()
+        await loading
+        svc = Services(
+            config=config,
+            prices=prices,
+            storage=storage,
+            ledger=ledger,
+            enforcer=enforcer,
+            tokens=tokens,
+            bus=bus,
+            clock=clock,
+            session=make_session(),
+            keys=KeyRing(config.keys),
+        )
+        app[SERVICES] = svc
+        reloader = Reloader(svc, options.reparse)
+        app[RELOADER] = reloader
+        background = [asyncio.create_task(reloader.run(), name="meterproxy-reload")]
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await ledger.close()
+            if svc.session is not None:
+                await svc.session.close()
+            await storage.close()
+
+    return ctx
+
+
+def _json(text: str) -> object:
+    import orjson
+
+    return orjson.loads(text)
+
+
+async def health(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    return web.json_response(
+        {
+            "status": "ok",
+            "pricing_version": svc.prices.version,
+            "ledger_backlog": svc.ledger.backlog,
+            "outstanding_reservations": svc.enforcer.outstanding,
+        }
+    )

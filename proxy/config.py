@@ -1,0 +1,318 @@
+"""The configuration file: parsed once into frozen dataclasses, validated with errors that
+name the file, the key and the bad value. Nothing here prints or exits (see `cli`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from proxy.budgets import PolicySet, parse_policies
+from proxy.ids import IdError, validate_id
+from proxy.pricing import bundled_pricing_path
+from proxy.schema import FieldError, Section, yaml_line
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+TOP_KEYS = (
+    "server",
+    "upstreams",
+    "timeouts",
+    "pricing",
+    "storage",
+    "attribution",
+    "keys",
+    "admin",
+    "logging",
+    "budgets",
+    "alerts",
+)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `str()` is one line: file, key, value, reason."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    base_url: str
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+    default: bool = False
+    # Ask streams for a usage chunk (stream_options.include_usage) when the client did not.
+    inject_usage: bool = True
+    _pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def matches(self, model: str) -> bool:
+        return self._pattern is not None and self._pattern.match(model) is not None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 10.0
+    read: float = 600.0  # a non-streaming reasoning call can take minutes
+    stream_idle: float = 300.0  # longest silence between two chunks of a stream
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    webhooks: tuple[tuple[str, str], ...] = ()  # (url, format)
+    thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
+    queue_size: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8787
+    max_body_bytes: int = 32 * 1024 * 1024
+    shutdown_grace_seconds: float = 30.0
+    upstreams: tuple[Upstream, ...] = (Upstream("openai", DEFAULT_UPSTREAM, default=True),)
+    timeouts: Timeouts = Timeouts()
+    pricing_path: Path = field(default_factory=bundled_pricing_path)
+    unknown_model: str = "allow"
+    reload_interval_seconds: float = 1.0
+    db_url: str = "sqlite:///meterproxy.db"
+    sqlite_synchronous: str = "NORMAL"
+    retention_days: int | None = None
+    on_storage_error: str = "closed"
+    agent_header: str = "X-Agent-Id"
+    intent_header: str = "X-Intent-Id"
+    default_agent: str = "anonymous"
+    keys: dict[str, str] = field(default_factory=dict)  # proxy key -> agent
+    admin_token: str | None = None
+    log_format: str = "text"
+    log_file: Path | None = None
+    log_level: str = "INFO"
+    timezone: str = "UTC"
+    reserve_output_tokens: int = 4096
+    # Input tokens reserved = tiktoken's count x (1 + margin): providers count a little
+    # differently, and the guarantee needs the reservation to be an upper bound.
+    reserve_input_margin: float = 0.1
+    policies: PolicySet = field(default_factory=PolicySet)
+    alerts: AlertsConfig = AlertsConfig()
+
+    @property
+    def default_upstream(self) -> Upstream:
+        for upstream in self.upstreams:
+            if upstream.default:
+                return upstream
+        return self.upstreams[0]
+
+    def upstream_for(self, model: str | None) -> Upstream:
+        if model is not None:
+            for upstream in self.upstreams:
+                if upstream.matches(model):
+                    return upstream
+        return self.default_upstream
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def _upstreams(top: Section) -> tuple[Upstream, ...]:
+    items = top.sequence("upstreams")
+    if not items:
+        return Config.upstreams
+    upstreams = []
+    names: set[str] = set()
+    for i, item in enumerate(items):
+        s = top.item("upstreams", i, item)
+        s.check_unknown(("name", "base_url", "api_key", "models", "default", "inject_usage"))
+        name = s.string("name")
+        if name in names:
+            s.fail("name", "is used by another upstream")
+        names.add(name)
+        base_url = s.string("base_url").rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", base_url):
+            s.fail("base_url", "must be an http:// or https:// URL")
+        models: tuple[str, ...] = tuple(s.strings("models"))
+        upstreams.append(
+            Upstream(
+                name=name,
+                base_url=base_url,
+                api_key=s.string("api_key", None, env=True),
+                models=models,
+                default=s.boolean("default", False),
+                inject_usage=s.boolean("inject_usage", True),
+                _pattern=_glob_regex(models),
+            )
+        )
+    if sum(u.default for u in upstreams) > 1:
+        raise FieldError("upstreams", "(several)", "only one upstream can be the default")
+    return tuple(upstreams)
+
+
+def _keys(top: Section) -> dict[str, str]:
+    keys = top.section("keys")
+    out = {}
+    for key, agent in keys.data.items():
+        shown = f"{str(key)[:4]}..."  # never print a key in full
+        if not isinstance(key, str) or len(key) < 8:
+            raise FieldError(f"keys.{shown}", None, "a proxy key must be at least 8 characters")
+        if isinstance(agent, dict):
+            agent = Section(agent, ("keys", shown)).string("agent")
+        if not isinstance(agent, str):
+            raise FieldError(f"keys.{shown}", agent, "must map to an agent name")
+        try:
+            validate_id(agent, "agent")
+        except IdError as e:
+            raise FieldError(f"keys.{shown}", agent, e.reason) from None
+        out[key] = agent
+    return out
+
+
+def parse_config(data: Any, path: Path | None = None) -> Config:
+    top = Section(data)
+    top.check_unknown(TOP_KEYS)
+    base = Path(path).parent if path else Path.cwd()
+
+    server = top.section("server")
+    server.check_unknown(("host", "port", "max_body_bytes", "shutdown_grace_seconds"))
+    timeouts = top.section("timeouts")
+    timeouts.check_unknown(("connect", "read", "stream_idle"))
+    pricing = top.section("pricing")
+    pricing.check_unknown(("file", "unknown_model", "reload_interval_seconds"))
+    storage = top.section("storage")
+    storage.check_unknown(("url", "sqlite_synchronous", "retention_days", "on_storage_error"))
+    attribution = top.section("attribution")
+    attribution.check_unknown(("agent_header", "intent_header", "default_agent"))
+    admin = top.section("admin")
+    admin.check_unknown(("token",))
+    logging_ = top.section("logging")
+    logging_.check_unknown(("format", "file", "level"))
+    budgets = top.section("budgets")
+    budgets.check_unknown(
+        (
+            "timezone",
+            "reserve_output_tokens",
+            "reserve_input_margin",
+            "global",
+            "defaults",
+            "agents",
+        )
+    )
+    alerts = top.section("alerts")
+    alerts.check_unknown(("webhooks", "thresholds", "queue_size"))
+
+    tz = budgets.string("timezone", "UTC")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        budgets.fail("timezone", "is not a known time zone (e.g. UTC, Europe/Berlin)")
+
+    pricing_file = pricing.string("file", None)
+    log_file = logging_.string("file", None)
+    db_url = storage.string("url", Config.db_url, env=True)
+    token = admin.string("token", None, env=True)
+    if token is not None and len(token) < 16:
+        admin.fail("token", "must be at least 16 characters")
+
+    default_agent = attribution.string("default_agent", "anonymous")
+    try:
+        validate_id(default_agent, "agent")
+    except IdError as e:
+        attribution.fail("default_agent", e.reason)
+
+    webhooks = []
+    for i, item in enumerate(alerts.sequence("webhooks")):
+        w = alerts.item("webhooks", i, item)
+        w.check_unknown(("url", "format"))
+        url = w.string("url", env=True)
+        if not re.match(r"^https?://", url):
+            w.fail("url", "must be an http:// or https:// URL")
+        webhooks.append((url, w.choice("format", ("slack", "json"), "json")))
+    thresholds = alerts.data.get("thresholds", [0.5, 0.8, 1.0])
+    if not isinstance(thresholds, list) or not all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in thresholds
+    ):
+        alerts.fail("thresholds", "must be a list of fractions in (0, 1], e.g. [0.5, 0.8, 1.0]")
+
+    keys = _keys(top)
+    upstreams = _upstreams(top)
+    if keys:
+        for i, upstream in enumerate(upstreams):
+            if upstream.api_key is None and top.sequence("upstreams"):
+                raise FieldError(
+                    f"upstreams[{i}].api_key",
+                    None,
+                    "is required when proxy keys are configured (the client's key is a proxy"
+                    " key and must not reach the provider)",
+                    ("upstreams", i, "api_key"),
+                )
+        if not top.sequence("upstreams"):
+            raise FieldError("upstreams", None, "proxy keys need upstreams with an api_key each")
+
+    return Config(
+        path=path,
+        host=server.string("host", "127.0.0.1"),
+        port=server.integer("port", 8787, min=0, max=65535),
+        max_body_bytes=server.integer("max_body_bytes", Config.max_body_bytes, min=1024),
+        shutdown_grace_seconds=server.number("shutdown_grace_seconds", 30.0, min=0),
+        upstreams=upstreams,
+        timeouts=Timeouts(
+            connect=timeouts.number("connect", 10.0, min=0.001),
+            read=timeouts.number("read", 600.0, min=0.001),
+            stream_idle=timeouts.number("stream_idle", 300.0, min=0.001),
+        ),
+        pricing_path=(base / pricing_file) if pricing_file else bundled_pricing_path(),
+        unknown_model=pricing.choice("unknown_model", ("allow", "block"), "allow"),
+        reload_interval_seconds=pricing.number("reload_interval_seconds", 1.0, min=0.01),
+        db_url=db_url,
+        sqlite_synchronous=storage.choice("sqlite_synchronous", ("NORMAL", "FULL"), "NORMAL"),
+        retention_days=storage.integer("retention_days", None, min=1),
+        on_storage_error=storage.choice("on_storage_error", ("closed", "open"), "closed"),
+        agent_header=attribution.string("agent_header", "X-Agent-Id"),
+        intent_header=attribution.string("intent_header", "X-Intent-Id"),
+        default_agent=default_agent,
+        keys=keys,
+        admin_token=token,
+        log_format=logging_.choice("format", ("text", "json"), "text"),
+        log_file=(base / log_file) if log_file else None,
+        log_level=logging_.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        timezone=tz,
+        reserve_output_tokens=budgets.integer("reserve_output_tokens", 4096, min=1),
+        reserve_input_margin=budgets.number("reserve_input_margin", 0.1, min=0),
+        policies=parse_policies(budgets),
+        alerts=AlertsConfig(
+            webhooks=tuple(webhooks),
+            thresholds=tuple(float(t) for t in thresholds),
+            queue_size=alerts.integer("queue_size", 1000, min=1),
+        ),
+    )
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read and validate a config file (None: all defaults). Raises ConfigError."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    try:
+        return parse_config(data, path)
+    except FieldError as e:
+        line = yaml_line(text, e.parts)
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"{where}: {e.describe()}") from None

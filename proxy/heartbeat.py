@@ -1,0 +1,124 @@
+"""POST /meter/heartbeat: costs an agent reports for calls the proxy did not see.
+
+The body is the shape agents' owners already send:
+{"agent": "...", "intent_id": "...", "status": "...",
+ "metrics": {"cost_usd": 0.03, "llm_calls": 4, "tokens_in": 2100, "tokens_out": 850}}
+It is recorded with usage_source=reported, counts toward budgets, and the answer says
+whether the agent may go on (200) or not (429), with what remains of each limit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.attribution import presented_key
+from proxy.errors import BUDGET_ERROR, ProxyFault
+from proxy.ids import IdError, validate_id
+from proxy.money import usd_exact, usd_to_pico
+from proxy.records import CallRecord
+from proxy.schema import FieldError, Section
+from proxy.services import SERVICES, Services
+from proxy.usage import REPORTED
+
+
+def _parse(
+    data: Any, svc: Services, key_agent: str | None
+) -> tuple[str, str | None, dict[str, Any]]:
+    body = Section(data)
+    body.check_unknown(("agent", "intent_id", "status", "metrics"))
+    agent = body.string("agent", None)
+    if key_agent is not None:
+        if agent is not None and agent != key_agent:
+            body.fail("agent", f"does not match the proxy key's agent '{key_agent}'")
+        agent = key_agent
+    if agent is None:
+        body.fail("agent", "is required")
+    intent = body.string("intent_id", None)
+    for name, value in (("agent", agent), ("intent_id", intent)):
+        if value is not None:
+            try:
+                validate_id(value, name.split("_")[0])
+            except IdError as e:
+                body.fail(name, e.reason)
+    body.string("status", None)
+    metrics = body.section("metrics")
+    if not body.has("metrics"):
+        body.fail("metrics", "is required (an object with cost_usd)")
+    metrics.check_unknown(("cost_usd", "llm_calls", "tokens_in", "tokens_out"))
+    values = {
+        "cost": usd_to_pico(metrics.usd("cost_usd")),
+        "llm_calls": metrics.integer("llm_calls", 0, min=0),
+        "tokens_in": metrics.integer("tokens_in", 0, min=0),
+        "tokens_out": metrics.integer("tokens_out", 0, min=0),
+    }
+    return agent, intent, values
+
+
+async def heartbeat(request: web.Request) -> web.StreamResponse:
+    svc = request.app[SERVICES]
+    t0 = time.perf_counter()
+    try:
+        key_agent = None
+        if svc.keys:
+            key = presented_key(request.headers)
+            key_agent = svc.keys.agent_for(key) if key else None
+            if key_agent is None:
+                raise ProxyFault(
+                    401, "invalid_api_key", "meterproxy: a heartbeat needs a valid proxy key"
+                )
+        try:
+            data = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as e:
+            raise ProxyFault(
+                400, "invalid_json", f"meterproxy: the body is not valid JSON ({e})"
+            ) from None
+        try:
+            agent, intent, m = _parse(data, svc, key_agent)
+        except FieldError as e:
+            raise ProxyFault(
+                400, "invalid_heartbeat", f"meterproxy: {e.describe()}", param=e.key
+            ) from None
+    except ProxyFault as fault:
+        return fault.response()
+
+    now = svc.clock()
+    enforcer = svc.enforcer
+    enforcer.add_reported(agent, intent, m["cost"], now)
+    refusal = await enforcer.standing(agent, intent, now)
+    record = CallRecord(
+        id=svc.new_id(), started_at=now, ended_at=svc.clock(), agent=agent, intent=intent,
+        upstream=None, endpoint="heartbeat", method="POST", model_requested=None,
+        model_served=None, model_priced=None, status=429 if refusal else 200, stream=False,
+        input_tokens=m["tokens_in"], cached_input_tokens=0, output_tokens=m["tokens_out"],
+        reasoning_tokens=0, cache_write_tokens=0, cost_pico=m["cost"], usage_source=REPORTED,
+        service_tier=None, price_version=None,
+        latency_ms=round((time.perf_counter() - t0) * 1000, 3), ttfb_ms=None,
+        error=f"{refusal.code}: {refusal.message}" if refusal else None,
+        llm_calls=m["llm_calls"], refused=False, reserved_pico=0,
+    )  # fmt: skip
+    await svc.ledger.commit(record)
+    status = enforcer.status(agent, now)
+    answer: dict[str, Any] = {
+        "allowed": refusal is None,
+        "agent": agent,
+        "intent_id": intent,
+        "recorded_cost_usd": usd_exact(m["cost"]),
+        "request_id": record.id,
+        "state": status["state"],
+        "limits": status["limits"],
+    }
+    headers = {"x-meter-request-id": record.id}
+    if refusal is not None:
+        answer["error"] = {"message": refusal.message, "type": BUDGET_ERROR,
+                           "code": refusal.code, "param": None}  # fmt: skip
+        headers |= refusal.headers()
+    return web.Response(
+        status=429 if refusal else 200,
+        body=orjson.dumps(answer),
+        content_type="application/json",
+        headers=headers,
+    )

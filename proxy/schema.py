@@ -1,0 +1,236 @@
+"""Typed reading of nested YAML/JSON mappings, with errors that name the key and the value.
+
+Used by the config file, the price table and policies sent to the admin API, so every bad
+value anywhere is reported the same way: `key: reason (got value)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any, NoReturn, TypeVar
+
+from proxy.money import MoneyError, parse_usd
+
+T = TypeVar("T")
+_MISSING: Any = object()
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class FieldError(ValueError):
+    """A bad value at a dotted key path."""
+
+    def __init__(
+        self, key: str, value: object, reason: str, parts: tuple[str | int, ...] = ()
+    ) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.value = value
+        self.reason = reason
+        # The path as parts, so a YAML line can be found even for keys containing dots.
+        self.parts = parts or (key,)
+
+    def describe(self) -> str:
+        shown = _show(self.value)
+        if shown is None:
+            return f"key '{self.key}': {self.reason}"
+        return f"key '{self.key}': bad value {shown}: {self.reason}"
+
+
+def _show(value: object) -> str | None:
+    if value is _MISSING:
+        return None
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def expand_env(text: str, key: str) -> str:
+    """Expand `${NAME}` references; an unset variable is an error, never an empty secret."""
+
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise FieldError(key, _MISSING, f"environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(repl, text)
+
+
+def display_path(parts: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+class Section:
+    """A mapping being read; `parts` is its key path, shown dotted in error messages."""
+
+    def __init__(self, data: object, parts: tuple[str | int, ...] = ()) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise FieldError(display_path(parts) or "(top level)", data, "must be a mapping", parts)
+        self.data: Mapping[str, Any] = data
+        self.parts = parts
+
+    @property
+    def path(self) -> str:
+        return display_path(self.parts)
+
+    def key(self, name: str | int) -> str:
+        return display_path((*self.parts, name))
+
+    def error(self, name: str | int, value: object, reason: str) -> FieldError:
+        return FieldError(self.key(name), value, reason, (*self.parts, name))
+
+    def fail(self, name: str, reason: str) -> NoReturn:
+        raise self.error(name, self.data.get(name, _MISSING), reason)
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def check_unknown(self, allowed: Iterable[str]) -> None:
+        allowed = set(allowed)
+        for name in self.data:
+            if name not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.error(str(name), _MISSING, f"unknown key (known: {known})")
+
+    def _get(self, name: str, default: Any) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            if default is _MISSING:
+                raise self.error(name, _MISSING, "is required")
+            return default
+        return value
+
+    def string(self, name: str, default: Any = _MISSING, *, env: bool = False) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if not isinstance(value, str) or not value.strip():
+            self.fail(name, "must be a non-empty string")
+        if not env:
+            return value
+        try:
+            return expand_env(value, self.key(name))
+        except FieldError as e:
+            raise self.error(name, _MISSING, e.reason) from None
+
+    def integer(
+        self, name: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
+    ) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, "must be a whole number")
+        if min is not None and value < min:
+            self.fail(name, f"must be >= {min}")
+        if max is not None and value > max:
+            self.fail(name, f"must be <= {max}")
+        return value
+
+    def number(self, name: str, default: Any = _MISSING, *, min: float | None = None) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(name, "must be a number")
+        if min is not None and value < min:
+            self.fail(name, f"must be >= {min}")
+        return float(value)
+
+    def usd(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        try:
+            amount = parse_usd(value)
+        except MoneyError as e:
+            self.fail(name, str(e))
+        if amount < 0:
+            self.fail(name, "must be >= 0")
+        return amount
+
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            self.fail(name, "must be true or false")
+        return value
+
+    def choice(self, name: str, choices: Iterable[str], default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        options = list(choices)
+        if value not in options:
+            self.fail(name, f"must be one of {', '.join(options)}")
+        return value
+
+    def section(self, name: str | int) -> Section:
+        return Section(self.data.get(name) if isinstance(name, str) else None, (*self.parts, name))
+
+    def item(self, name: str, index: int, value: object) -> Section:
+        return Section(value, (*self.parts, name, index))
+
+    def sequence(self, name: str) -> list[Any]:
+        value = self.data.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.fail(name, "must be a list")
+        return value
+
+    def strings(self, name: str) -> list[str]:
+        items = self.sequence(name)
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item:
+                raise FieldError(
+                    display_path((*self.parts, name, i)),
+                    item,
+                    "must be a non-empty string",
+                    (*self.parts, name, i),
+                )
+        return items
+
+
+def decimal_places(d: Decimal) -> int:
+    exponent = d.normalize().as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
+
+
+def yaml_line(text: str, parts: tuple[str | int, ...]) -> int | None:
+    """1-based line of the deepest node of `parts` found in the YAML text, for error messages."""
+    import yaml
+
+    try:
+        node: Any = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in parts:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        nxt = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == part:
+                    line = key_node.start_mark.line + 1
+                    nxt = value_node
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            nxt = node.value[part]
+        node = nxt
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line

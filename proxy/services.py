@@ -1,0 +1,57 @@
+"""What a request handler needs, gathered in one object under one typed app key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+from aiohttp import ClientSession, web
+
+from proxy.attribution import KeyRing
+from proxy.config import Config
+from proxy.enforcer import Enforcer
+from proxy.events import EventBus
+from proxy.ledger import LedgerWriter
+from proxy.pricing import PriceTable
+from proxy.storage import Storage
+from proxy.tokens import TokenCounter
+
+
+class RequestIds:
+    """`req_` + 12 random hex digits per process + a counter: unique, and no uuid4 per call."""
+
+    def __init__(self) -> None:
+        self._prefix = "req_" + os.urandom(6).hex()
+        self._next = count(1).__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():07x}"
+
+
+@dataclass
+class Services:
+    config: Config
+    prices: PriceTable
+    storage: Storage
+    ledger: LedgerWriter
+    enforcer: Enforcer
+    tokens: TokenCounter
+    bus: EventBus
+    clock: Callable[[], float]
+    session: ClientSession | None = None
+    keys: KeyRing = field(default_factory=lambda: KeyRing({}))
+    new_id: RequestIds = field(default_factory=RequestIds)
+    warned_models: set[str] = field(default_factory=set)
+    inflight: set[asyncio.Task[object]] = field(default_factory=set)  # calls being served
+
+    def apply_config(self, config: Config) -> None:
+        """Swap in a reloaded config: policies, keys, upstreams, attribution."""
+        self.config = config
+        self.keys = KeyRing(config.keys)
+        self.enforcer.policies = config.policies.with_api(self.enforcer.policies.api)
+
+
+SERVICES = web.AppKey("meterproxy.services", Services)

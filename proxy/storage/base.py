@@ -1,0 +1,301 @@
+"""The storage interface and the SQL shared by every engine. The only place with SQL.
+
+Everything above this layer (ledger writer, budgets, reports, admin API, dashboard) talks
+to `Storage` and does not know which engine is below.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any
+
+from proxy.records import CallRecord
+from proxy.storage.migrations import MIGRATIONS
+
+BUCKET_SECONDS = 900
+GROUPS = ("agent", "intent", "model", "upstream")
+
+
+class StorageError(Exception):
+    """The database cannot be opened or used; `str()` says which and why."""
+
+
+@dataclass(slots=True)
+class Totals:
+    requests: int = 0
+    llm_calls: int = 0
+    refused: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_pico: int = 0
+    unpriced: int = 0
+
+    def add(self, other: Totals) -> None:
+        for f in _TOTAL_FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+_TOTAL_FIELDS = tuple(f.name for f in fields(Totals))
+
+
+@dataclass(slots=True)
+class AggRow:
+    key: str
+    bucket: int | None  # start of the 15-minute bucket, unix seconds; None when not split
+    totals: Totals = field(default_factory=Totals)
+
+
+@dataclass(slots=True)
+class IntentRow:
+    intent: str
+    agent: str
+    first_seen: float
+    last_seen: float
+    requests: int
+    llm_calls: int
+    input_tokens: int
+    output_tokens: int
+    cost_pico: int
+    unpriced: int
+
+
+_CALL_COLUMNS = CallRecord.columns()
+_INSERT_CALL = (
+    f"INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)}) ON CONFLICT (id) DO NOTHING"
+)
+_ROLLUP_KEYS = {"agent": "agent", "model": "model", "upstream": "upstream"}
+_CALL_KEYS = {
+    "agent": "agent",
+    "intent": "COALESCE(intent, '')",
+    "model": "COALESCE(model_requested, model_served, '')",
+    "upstream": "COALESCE(upstream, '')",
+}
+_CALL_SUMS = (
+    "COUNT(*)",
+    "SUM(llm_calls)",
+    "SUM(refused)",
+    "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)",
+    "SUM(input_tokens)",
+    "SUM(cached_input_tokens)",
+    "SUM(output_tokens)",
+    "SUM(reasoning_tokens)",
+    "SUM(cache_write_tokens)",
+    "SUM(COALESCE(cost_pico, 0))",
+    "SUM(CASE WHEN cost_pico IS NULL AND llm_calls > 0 THEN 1 ELSE 0 END)",
+)
+
+
+@cache
+def numbered_params(sql: str) -> str:
+    """`?` placeholders -> `$1, $2...` (PostgreSQL); SQL here never has `?` in literals."""
+    counter = iter(range(1, 10_000))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
+
+
+class Storage(ABC):
+    """One ledger, one set of named migrations, on any engine."""
+
+    dialect: str = ""
+    # True when budget counters live in the database and are shared by replicas.
+    shared: bool = False
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    # -- engine primitives -------------------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Read with the reader connection(s)."""
+
+    @abstractmethod
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One write in its own transaction; returns the number of rows changed."""
+
+    @abstractmethod
+    async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Many rows in one transaction, one commit (the group commit)."""
+
+    @abstractmethod
+    async def run_script(self, statements: Sequence[str]) -> None:
+        """DDL in one transaction (migrations)."""
+
+    # -- migrations -------------------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        await self.run_script(
+            [
+                "CREATE TABLE IF NOT EXISTS _migrations "
+                "(name TEXT PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            ]
+        )
+        done = {row[0] for row in await self.fetch("SELECT name FROM _migrations")}
+        applied = []
+        for name, migration in MIGRATIONS:
+            if name in done:
+                continue
+            record = f"INSERT INTO _migrations (name, applied_at) VALUES ('{name}', {time.time()})"
+            await self.run_script([*migration(self.dialect), record])
+            applied.append(name)
+        return applied
+
+    # -- ledger -----------------------------------------------------------------------
+
+    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+        await self.insert_many(_INSERT_CALL, [r.as_row() for r in records])
+
+    async def recent_calls(self, limit: int, agent: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE agent = ?", [agent]) if agent else ("", [])
+        rows = await self.fetch(
+            f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls {where} "
+            "ORDER BY started_at DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [dict(zip(_CALL_COLUMNS, row, strict=True)) for row in rows]
+
+    async def call(self, call_id: str) -> dict[str, Any] | None:
+        rows = await self.fetch(
+            f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls WHERE id = ?", [call_id]
+        )
+        return dict(zip(_CALL_COLUMNS, rows[0], strict=True)) if rows else None
+
+    async def count_calls(self) -> int:
+        return int((await self.fetch("SELECT COUNT(*) FROM calls"))[0][0])
+
+    async def prune_calls(self, before: float) -> int:
+        """Delete call rows older than `before`; rollups and intent totals stay."""
+        return await self.execute("DELETE FROM calls WHERE started_at < ?", [before])
+
+    # -- aggregates -------------------------------------------------------------------
+
+    async def aggregate_rollups(
+        self, since: int, until: int, group: str, agent: str | None, by_bucket: bool
+    ) -> list[AggRow]:
+        """Sums from the 15-minute rollups over [since, until), both bucket-aligned."""
+        key = _ROLLUP_KEYS[group]
+        sums = ", ".join(f"SUM({c})" for c in _TOTAL_FIELDS)
+        return await self._aggregate(
+            f"SELECT {key}, {'bucket' if by_bucket else 'NULL'}, {sums} FROM rollup_15m "
+            "WHERE bucket >= ? AND bucket < ?",
+            [since, until],
+            key,
+            agent,
+            by_bucket,
+        )
+
+    async def aggregate_calls(
+        self, since: float, until: float, group: str, agent: str | None, by_bucket: bool
+    ) -> list[AggRow]:
+        """Sums straight from call rows over [since, until) (any alignment, any group)."""
+        key = _CALL_KEYS[group]
+        bucket = self.bucket_expr("started_at") if by_bucket else "NULL"
+        return await self._aggregate(
+            f"SELECT {key}, {bucket}, {', '.join(_CALL_SUMS)} FROM calls "
+            "WHERE started_at >= ? AND started_at < ?",
+            [since, until],
+            key,
+            agent,
+            by_bucket,
+        )
+
+    async def _aggregate(
+        self, sql: str, params: list[Any], key: str, agent: str | None, by_bucket: bool
+    ) -> list[AggRow]:
+        if agent is not None:
+            sql += " AND agent = ?"
+            params.append(agent)
+        sql += f" GROUP BY {key}" + (", 2" if by_bucket else "")
+        out = []
+        for row in await self.fetch(sql, params):
+            totals = Totals(*(int(v or 0) for v in row[2:]))
+            out.append(AggRow(row[0], int(row[1]) if row[1] is not None else None, totals))
+        return out
+
+    def bucket_expr(self, column: str) -> str:
+        return f"CAST({column} / {BUCKET_SECONDS} AS INTEGER) * {BUCKET_SECONDS}"
+
+    # -- budget state rebuilt after a restart -----------------------------------------
+
+    async def cost_by_agent_since(self, since: int) -> dict[str, int]:
+        """Spend per agent from bucket-aligned `since` (window starts are aligned)."""
+        rows = await self.fetch(
+            "SELECT agent, SUM(cost_pico) FROM rollup_15m WHERE bucket >= ? GROUP BY agent",
+            [since],
+        )
+        return {agent: int(cost or 0) for agent, cost in rows}
+
+    async def requests_by_agent_since(self, since: float) -> dict[str, int]:
+        rows = await self.fetch(
+            "SELECT agent, COUNT(*) FROM calls WHERE started_at >= ? AND refused = 0 "
+            "AND usage_source <> 'reported' GROUP BY agent",
+            [since],
+        )
+        return {agent: int(n) for agent, n in rows}
+
+    async def intents_started_since(self, since: float) -> dict[str, int]:
+        rows = await self.fetch(
+            "SELECT agent, COUNT(*) FROM intents WHERE first_seen >= ? GROUP BY agent", [since]
+        )
+        return {agent: int(n) for agent, n in rows}
+
+    async def intent(self, intent: str) -> IntentRow | None:
+        rows = await self.fetch(
+            "SELECT intent, agent, first_seen, last_seen, requests, llm_calls, input_tokens, "
+            "output_tokens, cost_pico, unpriced FROM intents WHERE intent = ?",
+            [intent],
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        n = [int(v) for v in r[4:]]
+        return IntentRow(r[0], r[1], float(r[2]), float(r[3]), n[0], n[1], n[2], n[3], n[4], n[5])
+
+    async def agents_since(self, since: int) -> list[str]:
+        rows = await self.fetch(
+            "SELECT DISTINCT agent FROM rollup_15m WHERE bucket >= ? ORDER BY agent", [since]
+        )
+        return [r[0] for r in rows]
+
+    # -- policies and pauses ----------------------------------------------------------
+
+    async def policies(self) -> dict[str, str]:
+        return {a: p for a, p in await self.fetch("SELECT agent, policy FROM policies")}
+
+    async def put_policy(self, agent: str, policy_json: str, now: float) -> None:
+        await self.execute(
+            "INSERT INTO policies (agent, policy, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (agent) DO UPDATE SET policy = excluded.policy, "
+            "updated_at = excluded.updated_at",
+            [agent, policy_json, now],
+        )
+
+    async def delete_policy(self, agent: str) -> bool:
+        return await self.execute("DELETE FROM policies WHERE agent = ?", [agent]) > 0
+
+    async def paused_agents(self) -> dict[str, str | None]:
+        rows = await self.fetch("SELECT agent, reason FROM agent_state WHERE paused = 1")
+        return {a: r for a, r in rows}
+
+    async def set_paused(self, agent: str, paused: bool, reason: str | None, now: float) -> None:
+        await self.execute(
+            "INSERT INTO agent_state (agent, paused, reason, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (agent) DO UPDATE SET paused = excluded.paused, "
+            "reason = excluded.reason, updated_at = excluded.updated_at",
+            [agent, int(paused), reason, now],
+        )

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy.app import Options, create_app
+from proxy.config import Config, Upstream
+from proxy.services import SERVICES, Services
+from tests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeClock:
+    """Wall-clock time the tests set: windows, resets and timestamps follow it."""
+
+    def __init__(self, now: float = 1_795_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Proxy:
+    server: TestServer
+    config: Config
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def svc(self) -> Services:
+        return self.server.app[SERVICES]
+
+    async def flushed(self) -> None:
+        """Wait until every submitted ledger row is committed."""
+        for _ in range(500):
+            if self.svc.ledger.backlog == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("ledger did not flush")
+
+
+@pytest.fixture
+async def fake(aiohttp_server: Any) -> AsyncIterator[tuple[FakeUpstream, str]]:
+    upstream = FakeUpstream()
+    server = await aiohttp_server(upstream.app())
+    yield upstream, str(server.make_url("/v1")).rstrip("/")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy(
+    aiohttp_server: Any, fake: tuple[FakeUpstream, str], tmp_path: Path
+) -> ProxyFactory:
+    _, fake_url = fake
+
+    async def factory(
+        config: Config | None = None, options: Options | None = None, **changes: Any
+    ) -> Proxy:
+        base = config or Config(
+            upstreams=(Upstream("fake", fake_url, default=True),),
+            db_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+            reload_interval_seconds=0.05,
+        )
+        cfg = base.with_overrides(**changes)
+        app = create_app(cfg, options)
+        server = await aiohttp_server(app)
+        return Proxy(server, cfg)
+
+    return factory
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory) -> Proxy:
+    return await make_proxy()

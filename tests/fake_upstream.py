@@ -1,0 +1,252 @@
+"""A fake OpenAI-compatible provider: a real aiohttp server on a random loopback port.
+
+Behaviour is set per test through `FakeUpstream.script` (defaults) or per request with an
+`x-fake` header holding JSON (the proxy forwards end-to-end headers), e.g.
+`x-fake: {"chunks": 3, "prompt_tokens": 12}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+DEFAULTS: dict[str, Any] = {
+    "prompt_tokens": 12,
+    "completion_tokens": 5,
+    "cached_tokens": 0,
+    "reasoning_tokens": 0,
+    "chunks": 5,  # content chunks in a stream
+    "send_usage": True,  # put usage in bodies / final stream events (when asked for)
+    "usage": None,  # a raw usage object to send instead (e.g. nonsense values)
+    "status": 200,
+    "error_body": None,
+    "delay": 0.0,  # seconds before the response starts
+    "chunk_delay": 0.0,
+    "gate_after": None,  # stream: wait on FakeUpstream.gate after this many chunks
+    "cut_after": None,  # stream: drop the connection after this many chunks
+    "stall_after": None,  # stream: go silent after this many chunks
+    "not_json": False,
+    "model": None,  # model reported back (default: the requested one)
+    "service_tier": None,
+    "content": "Hello",
+}
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class FakeUpstream:
+    script: dict[str, Any] = field(default_factory=dict)
+    requests: list[Seen] = field(default_factory=list)
+    served: int = 0  # responses completed
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    chunks_sent: int = 0
+
+    def settings(self, request: web.Request) -> dict[str, Any]:
+        s = {**DEFAULTS, **self.script}
+        if "x-fake" in request.headers:
+            s.update(json.loads(request.headers["x-fake"]))
+        return s
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(
+            Seen(request.method, request.path, request.query_string, dict(request.headers), body)
+        )
+        s = self.settings(request)
+        if s["delay"]:
+            await asyncio.sleep(s["delay"])
+        if s["status"] != 200:
+            error = s["error_body"] or {
+                "error": {"message": "fake upstream error", "type": "server_error", "code": None}
+            }
+            return web.json_response(error, status=s["status"])
+        path = request.path
+        if request.method == "GET" and path.endswith("/models"):
+            return web.json_response({"object": "list", "data": [{"id": "gpt-4o"}]})
+        req = json.loads(body) if body else {}
+        if s["not_json"]:
+            self.served += 1
+            return web.Response(text="<html>bad gateway</html>", content_type="text/html")
+        if path.endswith("/embeddings"):
+            return self._json(self._embeddings(req, s))
+        if path.endswith("/responses"):
+            if req.get("stream"):
+                return await self._stream(request, s, self._responses_events(req, s))
+            return self._json(self._response_obj(req, s))
+        if path.endswith("/completions"):
+            legacy = not path.endswith("/chat/completions")
+            if req.get("stream"):
+                events = self._chat_events(req, s, legacy)
+                return await self._stream(request, s, events)
+            return self._json(self._completion(req, s, legacy))
+        return web.json_response({"echo": path})
+
+    def _json(self, obj: dict[str, Any]) -> web.Response:
+        self.served += 1
+        return web.json_response(obj)
+
+    # -- bodies -------------------------------------------------------------------------
+
+    @staticmethod
+    def _usage(s: dict[str, Any], kind: str = "chat") -> dict[str, Any] | None:
+        if s["usage"] is not None:
+            return s["usage"]  # type: ignore[no-any-return]
+        if not s["send_usage"]:
+            return None
+        p, c = s["prompt_tokens"], s["completion_tokens"]
+        if kind == "responses":
+            return {
+                "input_tokens": p,
+                "input_tokens_details": {"cached_tokens": s["cached_tokens"]},
+                "output_tokens": c,
+                "output_tokens_details": {"reasoning_tokens": s["reasoning_tokens"]},
+                "total_tokens": p + c,
+            }
+        if kind == "embeddings":
+            return {"prompt_tokens": p, "total_tokens": p}
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": s["cached_tokens"]},
+            "completion_tokens_details": {"reasoning_tokens": s["reasoning_tokens"]},
+        }
+
+    def _completion(self, req: dict[str, Any], s: dict[str, Any], legacy: bool) -> dict[str, Any]:
+        model = s["model"] or req.get("model")
+        if legacy:
+            choice = {"index": 0, "text": s["content"], "finish_reason": "stop"}
+        else:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": s["content"]},
+                "finish_reason": "stop",
+            }
+        out = {
+            "id": "chatcmpl-fake",
+            "object": "text_completion" if legacy else "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": [choice],
+        }
+        usage = self._usage(s)
+        if usage is not None:
+            out["usage"] = usage
+        if s["service_tier"]:
+            out["service_tier"] = s["service_tier"]
+        return out
+
+    def _embeddings(self, req: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+            "model": s["model"] or req.get("model"),
+        }
+        usage = self._usage(s, "embeddings")
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def _response_obj(self, req: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": 1,
+            "status": "completed",
+            "model": s["model"] or req.get("model"),
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": s["content"], "annotations": []}],
+                }
+            ],
+        }
+        usage = self._usage(s, "responses")
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    # -- streams ------------------------------------------------------------------------
+
+    def _chat_events(self, req: dict[str, Any], s: dict[str, Any], legacy: bool) -> list[bytes]:
+        model = s["model"] or req.get("model")
+        include = bool((req.get("stream_options") or {}).get("include_usage"))
+        kind = "text_completion" if legacy else "chat.completion.chunk"
+        events = []
+        for i in range(s["chunks"]):
+            if legacy:
+                choice: dict[str, Any] = {"index": 0, "text": f"tok{i} ", "finish_reason": None}
+            else:
+                choice = {"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}
+            chunk: dict[str, Any] = {"id": "c1", "object": kind, "created": 1, "model": model,
+                                     "choices": [choice]}  # fmt: skip
+            if include:
+                chunk["usage"] = None
+            events.append(chunk)
+        usage = self._usage(s)
+        if include and usage is not None:
+            events.append({"id": "c1", "object": kind, "created": 1, "model": model,
+                           "choices": [], "usage": usage})  # fmt: skip
+        out = [b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events]
+        out.append(b"data: [DONE]\n\n")
+        return out
+
+    def _responses_events(self, req: dict[str, Any], s: dict[str, Any]) -> list[bytes]:
+        model = s["model"] or req.get("model")
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": {"id": "resp_1", "object": "response",
+                                                      "model": model, "usage": None}},
+        ]  # fmt: skip
+        for i in range(s["chunks"]):
+            events.append({"type": "response.output_text.delta", "delta": f"tok{i} "})
+        final = self._response_obj(req, s)
+        events.append({"type": "response.completed", "response": final})
+        return [
+            f"event: {e['type']}\ndata: {json.dumps(e, separators=(',', ':'))}\n\n".encode()
+            for e in events
+        ]
+
+    async def _stream(
+        self, request: web.Request, s: dict[str, Any], events: list[bytes]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, event in enumerate(events):
+            if s["cut_after"] is not None and i == s["cut_after"]:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            if s["stall_after"] is not None and i == s["stall_after"]:
+                await asyncio.sleep(3600)
+            if s["gate_after"] is not None and i == s["gate_after"]:
+                await self.gate.wait()
+            await resp.write(event)
+            self.chunks_sent += 1
+            if s["chunk_delay"]:
+                await asyncio.sleep(s["chunk_delay"])
+        await resp.write_eof()
+        self.served += 1
+        return resp
