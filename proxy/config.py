@@ -16,7 +16,7 @@ import yaml
 from proxy.budgets import PolicySet, parse_policies
 from proxy.ids import IdError, validate_id
 from proxy.pricing import bundled_pricing_path
-from proxy.schema import FieldError, Section, yaml_line
+from proxy.schema import MISSING, FieldError, Section, yaml_line
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 TOP_KEYS = (
@@ -38,6 +38,12 @@ class ConfigError(Exception):
     """A config file that cannot be used; `str()` is one line: file, key, value, reason."""
 
 
+def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
 @dataclass(frozen=True)
 class Upstream:
     name: str
@@ -47,7 +53,11 @@ class Upstream:
     default: bool = False
     # Ask streams for a usage chunk (stream_options.include_usage) when the client did not.
     inject_usage: bool = True
-    _pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _pattern: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Globs compiled once into one regex: routing costs one match per upstream.
+        object.__setattr__(self, "_pattern", _glob_regex(self.models))
 
     def matches(self, model: str) -> bool:
         return self._pattern is not None and self._pattern.match(model) is not None
@@ -117,12 +127,6 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
-    if not patterns:
-        return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
 def _upstreams(top: Section) -> tuple[Upstream, ...]:
     items = top.sequence("upstreams")
     if not items:
@@ -148,7 +152,6 @@ def _upstreams(top: Section) -> tuple[Upstream, ...]:
                 models=models,
                 default=s.boolean("default", False),
                 inject_usage=s.boolean("inject_usage", True),
-                _pattern=_glob_regex(models),
             )
         )
     if sum(u.default for u in upstreams) > 1:
@@ -162,7 +165,7 @@ def _keys(top: Section) -> dict[str, str]:
     for key, agent in keys.data.items():
         shown = f"{str(key)[:4]}..."  # never print a key in full
         if not isinstance(key, str) or len(key) < 8:
-            raise FieldError(f"keys.{shown}", None, "a proxy key must be at least 8 characters")
+            raise FieldError(f"keys.{shown}", MISSING, "a proxy key must be at least 8 characters")
         if isinstance(agent, dict):
             agent = Section(agent, ("keys", shown)).string("agent")
         if not isinstance(agent, str):
@@ -248,7 +251,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
             if upstream.api_key is None and top.sequence("upstreams"):
                 raise FieldError(
                     f"upstreams[{i}].api_key",
-                    None,
+                    MISSING,
                     "is required when proxy keys are configured (the client's key is a proxy"
                     " key and must not reach the provider)",
                     ("upstreams", i, "api_key"),

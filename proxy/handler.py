@@ -267,7 +267,9 @@ class Call:
             self.maybe_billed = True  # the request went out: the provider may bill for it
             raise self._upstream_fault(504, "upstream_timeout", "did not answer in time") from None
         except ClientConnectorError as e:
-            raise self._upstream_fault(502, "upstream_unreachable", f"refused: {e}") from None
+            raise self._upstream_fault(
+                502, "upstream_unreachable", f"is unreachable: {e}"
+            ) from None
         except ClientError as e:
             raise self._upstream_fault(502, "upstream_error", f"failed: {e}") from None
         self.t_first = time.perf_counter()
@@ -420,7 +422,9 @@ class Call:
         """Usage from tiktoken when the provider sent none: never 0 for unknown tokens."""
         tokens, model = self.svc.tokens, self.record.model_requested
         prompt = await tokens.count_prompt_async(model, self.body) if self.body else 0
-        output = await tokens.count_texts_async(model, texts) + -(-overflow_chars // 4)
+        # Deltas are joined first: a word split over two chunks is one token, not two.
+        joined = ["".join(texts)] if texts else []
+        output = await tokens.count_texts_async(model, joined) + -(-overflow_chars // 4)
         return Usage(input_tokens=max(prompt, 1), output_tokens=output, source=ESTIMATED)
 
     def _estimate_now(self) -> Usage:

@@ -15,7 +15,8 @@ from typing import Any, NoReturn, TypeVar
 from proxy.money import MoneyError, parse_usd
 
 T = TypeVar("T")
-_MISSING: Any = object()
+MISSING: Any = object()  # "no value": errors then show no value
+_MISSING = MISSING
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

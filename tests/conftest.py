@@ -92,3 +92,18 @@ async def make_proxy(
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> Proxy:
     return await make_proxy()
+
+
+async def raw_request(proxy: Proxy, data: bytes, wait: float = 10.0) -> tuple[int, bytes]:
+    """Send bytes as they are (clients refuse to send malformed requests) -> status, body."""
+    assert proxy.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), wait)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head else 0
+    return status, body

@@ -83,6 +83,8 @@ class FakeUpstream:
         path = request.path
         if request.method == "GET" and path.endswith("/models"):
             return web.json_response({"object": "list", "data": [{"id": "gpt-4o"}]})
+        if not path.endswith(("/completions", "/embeddings", "/responses")):
+            return web.json_response({"echo": path})
         req = json.loads(body) if body else {}
         if s["not_json"]:
             self.served += 1

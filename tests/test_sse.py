@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+
+from proxy.sse import MAX_EVENT_BYTES, StreamMeter
+
+
+def event(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+CHUNK = {"id": "c", "model": "gpt-4o-x", "choices": [{"delta": {"content": "hi "}}], "usage": None}
+USAGE = {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
+DONE = b"data: [DONE]\n\n"
+
+
+def test_unchanged_chunks_pass_as_the_same_object() -> None:
+    meter = StreamMeter(strip_usage=False)
+    chunk = event(CHUNK)
+    assert meter.feed(chunk) is chunk
+
+
+def test_usage_chunk_stripped_and_null_usage_removed_when_injected() -> None:
+    meter = StreamMeter(strip_usage=True)
+    out = meter.feed(event(CHUNK) + event(USAGE))
+    assert out == event({k: v for k, v in CHUNK.items() if k != "usage"})
+    assert meter.facts.usage is not None and meter.facts.usage.input_tokens == 7
+    assert meter.feed(DONE) == b""  # held until the ledger row is committed
+    assert meter.finish() == DONE
+
+
+def test_kept_when_the_client_asked() -> None:
+    meter = StreamMeter(strip_usage=False)
+    assert meter.feed(event(USAGE)) == event(USAGE)
+    assert meter.facts.usage is not None
+
+
+def test_events_split_across_reads_and_crlf() -> None:
+    meter = StreamMeter(strip_usage=False)
+    whole = event(CHUNK).replace(b"\n\n", b"\r\n\r\n") + DONE
+    out = b"".join(meter.feed(whole[i : i + 7]) for i in range(0, len(whole), 7))
+    assert out == event(CHUNK).replace(b"\n\n", b"\r\n\r\n")
+    assert meter.finish() == DONE
+    assert meter.model == "gpt-4o-x"
+
+
+def test_responses_completed_is_the_final_event() -> None:
+    meter = StreamMeter(strip_usage=False)
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x"}\n\n'
+    done = (
+        b"event: response.completed\ndata: "
+        + json.dumps({"type": "response.completed", "response": {
+            "object": "response", "model": "gpt-5", "usage": {"input_tokens": 3, "output_tokens": 1}}
+        }).encode()
+        + b"\n\n"
+    )  # fmt: skip
+    assert meter.feed(delta + done) == delta
+    assert meter.finish() == done
+    assert meter.facts.usage is not None and meter.facts.usage.output_tokens == 1
+    assert meter.facts.model == "gpt-5"
+
+
+def test_generated_text_is_kept_for_estimates() -> None:
+    meter = StreamMeter(strip_usage=False)
+    for _ in range(3):
+        meter.feed(event(CHUNK))
+    assert meter.generated_texts() == ["hi ", "hi ", "hi "]
+
+
+def test_a_huge_unterminated_event_is_passed_through_not_buffered() -> None:
+    meter = StreamMeter(strip_usage=True)
+    blob = b"data: " + b"x" * (MAX_EVENT_BYTES + 10)
+    out = meter.feed(blob)
+    assert out == blob and meter.passthrough
+    assert meter.feed(b"more") == b"more"
+
+
+def test_invalid_usage_is_reported_not_priced() -> None:
+    meter = StreamMeter(strip_usage=False)
+    meter.feed(event({"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": 1}}))
+    assert meter.facts.usage is None
+    assert meter.facts.usage_error is not None and "'many'" in meter.facts.usage_error
