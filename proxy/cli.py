@@ -87,6 +87,9 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
         handle_signals=False,
         access_log=None,
         shutdown_timeout=config.shutdown_grace_seconds,
+        # A client that leaves cancels its call at once: the upstream request is dropped
+        # and the reservation released now, not when the upstream next sends a byte.
+        handler_cancellation=True,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=args.workers > 1 or None)
@@ -118,6 +121,7 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
             stop.set()
         else:
             log.warning("second signal: cancelling %d calls in flight", len(svc.inflight))
+            svc.shutting_down = True
             for task in list(svc.inflight):
                 task.cancel()
 

@@ -9,6 +9,7 @@ instead: see `proxy.shared_enforcer`.)
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -361,7 +362,7 @@ class Enforcer:
             message += f". Agent '{agent}' is now paused until resumed through the admin API"
             self.bus.emit(events.Event(events.PAUSED, message, now, agent, _check_data(check)))
         self.bus.emit(events.Event(events.REFUSED, message, now, agent, _check_data(check)))
-        retry = int(check.resets_at - now) + 1 if check.resets_at is not None else None
+        retry = max(math.ceil(check.resets_at - now), 1) if check.resets_at is not None else None
         if check.action == "pause":
             retry = None
         return Refusal(check.limit, message, check, retry)

@@ -33,6 +33,7 @@ from proxy.pricing import ModelPrice
 from proxy.records import CallRecord
 from proxy.services import SERVICES, Services
 from proxy.sse import StreamMeter
+from proxy.tokens import PromptText
 from proxy.upstream import (
     check_tail,
     client_timeout,
@@ -74,9 +75,11 @@ class Call:
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
         self.ticket: Ticket | None = None
+        self.meter: StreamMeter | None = None
         self.body: dict[str, Any] | None = None
         self.price: ModelPrice | None = None
         self.recorded = False
+        self.forwarded = False  # the request went to the upstream (or was on its way)
         self.maybe_billed = False  # forwarded, then no answer: tokens unknown, not zero
         self.record = CallRecord(
             id=svc.new_id(),
@@ -250,6 +253,7 @@ class Call:
             data = request.content  # unmetered uploads stream through, never buffered
         rec.llm_calls = 1 if metered else 0
         assert svc.session is not None
+        self.forwarded = True
         try:
             response = await svc.session.request(
                 request.method,
@@ -330,7 +334,7 @@ class Call:
         out = web.StreamResponse(status=response.status, headers=response_headers(response.headers))
         out.headers["x-meter-request-id"] = rec.id
         await out.prepare(self.request)
-        meter = StreamMeter(strip_usage)
+        meter = self.meter = StreamMeter(strip_usage)
         cut: str | None = None
         client_gone = False
         first = True
@@ -428,17 +432,26 @@ class Call:
         return Usage(input_tokens=max(prompt, 1), output_tokens=output, source=ESTIMATED)
 
     def _estimate_now(self) -> Usage:
-        """The synchronous estimate for a cancelled call (no await possible)."""
+        """The estimate for a cancelled call: synchronous (no await is possible any more),
+        so big texts are estimated at 4 characters a token instead of being tokenized."""
         tokens, model = self.svc.tokens, self.record.model_requested
-        prompt = 0
+        prompt = output = 0
         if self.body:
-            raw = str(self.body)
+            text = PromptText(self.body)
             prompt = (
-                tokens.count_prompt(model, self.body)
-                if len(raw) <= _SYNC_ESTIMATE_CHARS
-                else len(raw) // 4
+                tokens.count(model, text.texts) + text.fixed_tokens
+                if text.chars <= _SYNC_ESTIMATE_CHARS
+                else text.chars // 4 + text.fixed_tokens
             )
-        return Usage(input_tokens=max(prompt, 1), output_tokens=0, source=ESTIMATED)
+        if self.meter is not None:
+            generated = "".join(self.meter.generated_texts())
+            chars = len(generated) + self.meter.overflow_chars
+            output = (
+                tokens.count(model, [generated]) + -(-self.meter.overflow_chars // 4)
+                if chars <= _SYNC_ESTIMATE_CHARS
+                else -(-chars // 4)
+            )
+        return Usage(input_tokens=max(prompt, 1), output_tokens=output, source=ESTIMATED)
 
     def _price(self, usage: Usage | None) -> None:
         """Set tokens and cost on the row and settle the reservation."""
@@ -478,9 +491,13 @@ class Call:
         if rec.status == 0:
             rec.status = 499  # the client's request ended before an answer (nginx's code)
         if rec.error is None:
-            rec.error = "call cancelled before it completed"
+            rec.error = (
+                "cancelled at shutdown"
+                if self.svc.shutting_down
+                else "cancelled: the client disconnected"
+            )
         if self.ticket is not None and not self.ticket.settled:
-            if self.t_first is not None and self.price is not None:
+            if self.forwarded and self.price is not None:
                 self._price(self._estimate_now())
             else:
                 self._price(None)

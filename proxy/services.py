@@ -46,6 +46,7 @@ class Services:
     new_id: RequestIds = field(default_factory=RequestIds)
     warned_models: set[str] = field(default_factory=set)
     inflight: set[asyncio.Task[object]] = field(default_factory=set)  # calls being served
+    shutting_down: bool = False  # set when calls in flight are being cancelled
 
     def apply_config(self, config: Config) -> None:
         """Swap in a reloaded config: policies, keys, upstreams, attribution."""

@@ -1,0 +1,372 @@
+"""Budgets end to end: refusals as the SDK sees them, concurrency, restarts, admin API."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from proxy.app import Options
+from proxy.config import Config, parse_config
+from tests.conftest import FakeClock, Proxy, ProxyFactory
+
+HI = [{"role": "user", "content": "hi"}]
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def with_budgets(proxy_config: Config, text: str) -> dict[str, Any]:
+    parsed = parse_config(yaml.safe_load(text))
+    return {"policies": parsed.policies, "timezone": parsed.timezone, "admin_token": TOKEN}
+
+
+async def budget_proxy(make_proxy: ProxyFactory, text: str, **kw: Any) -> Proxy:
+    return await make_proxy(**with_budgets(Config(), text), **kw)
+
+
+def sdk(proxy: Proxy, agent: str = "research-agent", **kw: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/{agent}/v1", api_key="sk-x", **kw)
+
+
+async def ledger(proxy: Proxy) -> list[dict[str, Any]]:
+    await proxy.flushed()
+    return list(reversed(await proxy.svc.storage.recent_calls(10_000)))
+
+
+async def test_refusal_as_the_openai_sdk_sees_it(make_proxy: ProxyFactory, fake: Any,
+                                                 clock: FakeClock) -> None:  # fmt: skip
+    upstream, _ = fake
+    proxy = await budget_proxy(
+        make_proxy,
+        "budgets:\n  agents:\n    research-agent: {max_cost_per_day_usd: 0.001}\n",
+        options=Options(clock=clock),
+    )
+    # gpt-4 with max_tokens=100: reserves at least 100 * $60/1M = $0.006 > $0.001.
+    client = sdk(proxy)  # default max_retries=2: the SDK would retry a plain 429
+    with pytest.raises(openai.RateLimitError) as e:
+        await client.chat.completions.create(model="gpt-4", messages=HI, max_tokens=100)
+    response = e.value.response
+    assert response.headers["x-should-retry"] == "false"
+    assert response.headers["x-meter-limit"] == "max_cost_per_day_usd"
+    assert response.headers["x-meter-remaining-usd"] == "0.001"
+    assert int(response.headers["Retry-After"]) > 0
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "code", "param"}
+    assert (body["type"], body["code"], body["param"]) == (
+        "budget_exceeded", "max_cost_per_day_usd", None,
+    )  # fmt: skip
+    assert body["message"].startswith(
+        "agent 'research-agent' reached max_cost_per_day_usd: used $0.0000 of $0.0010;"
+        " this call could cost up to $0.0"
+    )
+    assert "but only $0.0010 remains; resets at" in body["message"]
+    assert upstream.requests == []
+    rows = await ledger(proxy)
+    assert len(rows) == 1  # asked once: the SDK did not retry
+    assert (rows[0]["status"], rows[0]["refused"], rows[0]["cost_pico"]) == (429, 1, 0)
+
+
+async def test_a_stream_is_refused_before_it_starts(make_proxy: ProxyFactory) -> None:
+    proxy = await budget_proxy(make_proxy, "budgets:\n  defaults: {max_cost_per_day_usd: 0.0001}\n")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions",
+                          json={"model": "gpt-4o", "messages": HI, "stream": True}) as r:  # fmt: skip
+            assert r.status == 429
+            assert r.headers["Content-Type"].startswith("application/json")
+            assert (await r.json())["error"]["code"] == "max_cost_per_day_usd"
+
+
+@pytest.mark.parametrize("limit", ["0.01", "0.0173"])
+async def test_concurrent_calls_never_exceed_a_block_limit(
+    make_proxy: ProxyFactory, fake: Any, limit: str
+) -> None:
+    upstream, _ = fake
+    # Every call really uses its whole output cap, and is slow, so calls overlap.
+    upstream.script.update(prompt_tokens=9, completion_tokens=100, delay=0.05, chunk_delay=0.005)
+    proxy = await budget_proxy(
+        make_proxy, f"budgets:\n  agents:\n    research-agent: {{max_cost_per_day_usd: {limit}}}\n"
+    )
+    client = sdk(proxy, max_retries=0)
+
+    async def one(i: int) -> str:
+        try:
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model="gpt-4o", messages=HI, max_tokens=100, stream=True
+                )
+                async for _ in stream:
+                    pass
+            else:
+                await client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=100)
+            return "ok"
+        except openai.RateLimitError as e:
+            assert e.body["code"] == "max_cost_per_day_usd"  # type: ignore[index]
+            assert e.response.headers["x-should-retry"] == "false"
+            return "refused"
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    rows = await ledger(proxy)
+    assert len(rows) == 200
+    spent = sum(r["cost_pico"] for r in rows)
+    limit_pico = int(float(limit) * 10**12 + 0.5)
+    assert spent <= limit_pico
+    admitted = results.count("ok")
+    assert 1 <= admitted < 200 and results.count("refused") == 200 - admitted
+    # Each admitted call cost exactly 9 * $2.50 + 100 * $10.00 per 1M.
+    assert spent == admitted * 1_022_500_000
+    assert len(upstream.requests) == admitted
+    assert proxy.svc.enforcer.outstanding == 0 and proxy.svc.enforcer.outstanding_pico == 0
+
+
+async def test_disconnected_and_cancelled_calls_leave_no_reservation(
+    make_proxy: ProxyFactory, fake: Any
+) -> None:
+    upstream, _ = fake
+    upstream.script.update(gate_after=2, chunks=6)
+    proxy = await budget_proxy(make_proxy, "budgets:\n  defaults: {max_cost_per_day_usd: 100}\n")
+    enforcer = proxy.svc.enforcer
+    body = {"model": "gpt-4o", "messages": HI, "stream": True, "max_tokens": 50}
+    # A client that reads two chunks and hangs up.
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(proxy.url + "/v1/chat/completions", json=body)
+        await r.content.readuntil(b"\n\n")
+        await r.content.readuntil(b"\n\n")
+        assert enforcer.outstanding == 1
+        r.close()
+    # A client task that is cancelled while the response has not even started.
+    upstream.script.update(delay=30)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    task = asyncio.create_task(client.chat.completions.create(model="gpt-4o", messages=HI))
+    for _ in range(200):
+        if len(upstream.requests) == 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    for _ in range(300):
+        if (
+            enforcer.outstanding == 0
+            and proxy.svc.ledger.backlog == 0
+            and len(await ledger(proxy)) == 2
+        ):
+            break
+        await asyncio.sleep(0.01)
+    assert (enforcer.outstanding, enforcer.outstanding_pico) == (0, 0)
+    streamed, cancelled = await ledger(proxy)
+    assert streamed["error"] == "cancelled: the client disconnected"
+    # What had been generated when the client left: "tok0 tok1 " is 5 cl100k tokens.
+    assert streamed["usage_source"] == "estimated" and streamed["output_tokens"] == 5
+    assert cancelled["status"] == 499 and cancelled["usage_source"] == "estimated"
+    upstream.gate.set()
+
+
+async def test_pause_policies_and_spend_survive_a_restart(
+    make_proxy: ProxyFactory, fake: Any, tmp_path: Path, clock: FakeClock
+) -> None:
+    text = "budgets:\n  defaults: {max_cost_per_day_usd: 1}\n"
+    proxy = await budget_proxy(make_proxy, text, options=Options(clock=clock))
+    await sdk(proxy, "spender").chat.completions.create(model="gpt-4o", messages=HI)
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.post(proxy.url + "/meter/agents/pausy/pause", json={"reason": "audit"}) as r:
+            assert r.status == 200 and (await r.json())["state"] == "paused"
+        async with s.put(proxy.url + "/meter/agents/capped/policy",
+                         json={"max_cost_per_day_usd": 0.00001}) as r:  # fmt: skip
+            assert r.status == 200 and (await r.json())["policy_source"] == "api"
+    await proxy.flushed()
+    await proxy.server.close()
+
+    again = await budget_proxy(make_proxy, text, options=Options(clock=clock))
+    status = again.svc.enforcer.status("spender", clock())
+    assert status["windows"]["day"]["spent_usd"] == "0.00008"  # rebuilt from the ledger
+    with pytest.raises(openai.RateLimitError) as e:
+        await sdk(again, "pausy", max_retries=0).chat.completions.create(
+            model="gpt-4o", messages=HI
+        )
+    assert e.value.body["code"] == "agent_paused"  # type: ignore[index]
+    assert "audit" in e.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.RateLimitError):
+        await sdk(again, "capped", max_retries=0).chat.completions.create(
+            model="gpt-4o", messages=HI
+        )
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.post(again.url + "/meter/agents/pausy/resume") as r:
+            assert (await r.json())["state"] == "active"
+        async with s.delete(again.url + "/meter/agents/capped/policy") as r:
+            assert (await r.json())["policy_source"] == "defaults"  # the config's applies again
+    await sdk(again, "pausy", max_retries=0).chat.completions.create(model="gpt-4o", messages=HI)
+    await sdk(again, "capped", max_retries=0).chat.completions.create(model="gpt-4o", messages=HI)
+
+
+async def test_loop_guard_over_http(make_proxy: ProxyFactory, fake: Any) -> None:
+    upstream, _ = fake
+    proxy = await budget_proxy(make_proxy, (
+        "budgets:\n  defaults:\n    loop_guard: {max_identical_requests: 3, window_seconds: 600}\n"
+    ))  # fmt: skip
+    client = sdk(proxy, "looper", max_retries=0, default_headers={"X-Intent-Id": "ticket-1"})
+    for _ in range(3):
+        await client.chat.completions.create(model="gpt-4o", messages=HI)
+    with pytest.raises(openai.RateLimitError) as e:
+        await client.chat.completions.create(model="gpt-4o", messages=HI)
+    assert e.value.body["code"] == "loop_detected"  # type: ignore[index]
+    assert len(upstream.requests) == 3
+    # A different request from the same task is not the loop.
+    await client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+    )
+
+
+async def test_heartbeat_counts_toward_the_budget(make_proxy: ProxyFactory) -> None:
+    proxy = await budget_proxy(
+        make_proxy, "budgets:\n  agents:\n    reporter: {max_cost_per_day_usd: 0.05}\n"
+    )
+    beat = {"agent": "reporter", "intent_id": "int_abc123", "status": "processing",
+            "metrics": {"cost_usd": 0.03, "llm_calls": 4, "tokens_in": 2100, "tokens_out": 850}}  # fmt: skip
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/meter/heartbeat", json=beat) as r:
+            answer = await r.json()
+            assert r.status == 200 and answer["allowed"] is True
+            assert answer["limits"][0]["remaining_usd"] == "0.02"
+        async with s.post(proxy.url + "/meter/heartbeat", json=beat) as r:
+            answer = await r.json()
+            assert r.status == 429 and answer["allowed"] is False
+            assert answer["error"]["code"] == "max_cost_per_day_usd"
+            assert r.headers["x-should-retry"] == "false"
+        bad = {**beat, "metrics": {"cost_usd": "a lot"}}
+        async with s.post(proxy.url + "/meter/heartbeat", json=bad) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+            assert error["param"] == "metrics.cost_usd" and "must be a number" in error["message"]
+        async with s.post(proxy.url + "/meter/heartbeat", json={"metrics": {"cost_usd": 1}}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "agent"
+    with pytest.raises(openai.RateLimitError):
+        await sdk(proxy, "reporter", max_retries=0).chat.completions.create(
+            model="gpt-4o", messages=HI
+        )
+    rows = await ledger(proxy)
+    reported = [r for r in rows if r["usage_source"] == "reported"]
+    assert [(r["cost_pico"], r["llm_calls"], r["input_tokens"]) for r in reported] == [
+        (30_000_000_000, 4, 2100), (30_000_000_000, 4, 2100),
+    ]  # fmt: skip
+
+
+async def test_admin_api_needs_the_token(make_proxy: ProxyFactory, caplog: Any) -> None:
+    proxy = await budget_proxy(make_proxy, "budgets: {}\n")
+    async with aiohttp.ClientSession() as s:
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token-xxxxxxxxx"},
+            {"Authorization": TOKEN},
+        ):
+            for method, path in (("GET", "/meter/agents"), ("POST", "/meter/agents/a/pause"),
+                                 ("GET", "/meter/spend"), ("PUT", "/meter/agents/a/policy")):  # fmt: skip
+                async with s.request(method, proxy.url + path, headers=headers, json={}) as r:
+                    assert r.status == 401
+                    assert (await r.json())["error"]["code"] == "invalid_admin_token"
+    assert proxy.svc.enforcer.paused == {}
+    logged = " ".join(r.getMessage() for r in caplog.records if r.name == "meterproxy.admin")
+    assert "wrong token" in logged and "no bearer token" in logged
+    assert "wrong-token-xxxxxxxxx" not in logged and TOKEN not in logged
+
+
+async def test_admin_api_is_off_without_a_token(proxy: Proxy) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/meter/agents", headers=AUTH) as r:
+            assert r.status == 403
+            assert "admin API is off" in (await r.json())["error"]["message"]
+
+
+async def test_admin_views(make_proxy: ProxyFactory, fake: Any) -> None:
+    proxy = await budget_proxy(make_proxy, (
+        "budgets:\n  agents:\n    research-agent: {max_cost_per_day_usd: 50, max_cost_per_intent_usd: 2}\n"
+    ))  # fmt: skip
+    client = sdk(proxy, default_headers={"X-Intent-Id": "int_abc123"})
+    await client.chat.completions.create(model="gpt-4o", messages=HI)
+    await proxy.flushed()
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.get(proxy.url + "/meter/agents") as r:
+            agents = (await r.json())["agents"]
+        assert [a["agent"] for a in agents] == ["research-agent"]
+        limit = agents[0]["limits"][0]
+        assert (limit["limit"], limit["limit_usd"], limit["spent_usd"], limit["remaining_usd"]) == (
+            "max_cost_per_day_usd", "50", "0.00008", "49.99992",
+        )  # fmt: skip
+        async with s.get(proxy.url + "/meter/intents/int_abc123") as r:
+            intent = await r.json()
+        assert (intent["agent"], intent["spent_usd"], intent["requests"]) == (
+            "research-agent",
+            "0.00008",
+            1,
+        )
+        assert intent["limits"][0]["remaining_usd"] == "1.99992"
+        async with s.get(proxy.url + "/meter/intents/nope") as r:
+            assert r.status == 404
+        async with s.put(
+            proxy.url + "/meter/agents/x/policy", json={"max_cost_per_dya_usd": 1}
+        ) as r:
+            assert r.status == 400
+            error = (await r.json())["error"]
+            assert error["param"] == "max_cost_per_dya_usd" and "unknown key" in error["message"]
+        async with s.put(proxy.url + "/meter/agents/x/policy", data=b"{oops") as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
+
+
+async def test_cli_agents_pause_resume_against_the_running_proxy(
+    make_proxy: ProxyFactory, capsys: Any
+) -> None:
+    from proxy.cli import main
+
+    proxy = await budget_proxy(make_proxy, "budgets:\n  defaults: {max_cost_per_day_usd: 5}\n")
+    await sdk(proxy, "worker").chat.completions.create(model="gpt-4o", messages=HI)
+    await proxy.flushed()
+    args = ["--url", proxy.url, "--token", TOKEN]
+    assert await asyncio.to_thread(main, ["pause", "worker", "--reason", "runaway", *args]) == 0
+    assert "worker" in proxy.svc.enforcer.paused
+    assert await asyncio.to_thread(main, ["agents", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].split()[:4] == ["worker", "paused", "today", "$0.00008"]
+    assert "max_cost_per_day_usd=5 (left 4.99992)" in out[-1]
+    assert await asyncio.to_thread(main, ["resume", "worker", *args]) == 0
+    assert proxy.svc.enforcer.paused == {}
+    assert await asyncio.to_thread(main, ["agents", "--url", proxy.url, "--token", "nope"]) == 2
+    assert "HTTP 401" in capsys.readouterr().err
+
+
+async def test_the_readme_example_a_loop_caught_by_the_per_intent_cap(
+    make_proxy: ProxyFactory, fake: Any
+) -> None:
+    """The product note's story: research-agent, $50/day, $2 per intent, GPT-4 in a loop."""
+    upstream, _ = fake
+    # A GPT-4 call of 500 prompt + 250 completion tokens: 500 * $30 + 250 * $60 per 1M = $0.03.
+    upstream.script.update(prompt_tokens=500, completion_tokens=250)
+    proxy = await budget_proxy(
+        make_proxy,
+        """
+budgets:
+  agents:
+    research-agent:
+      max_cost_per_day_usd: 50
+      max_cost_per_intent_usd: 2
+      action_on_breach: pause
+""",
+    )
+    ticket = [{"role": "user", "content": "Customer says the app crashes on login. " * 55}]
+    client = sdk(proxy, max_retries=0, default_headers={"X-Intent-Id": "int_abc123"})
+    calls = 0
+    with pytest.raises(openai.RateLimitError) as e:
+        while calls < 1000:  # the dedup bug: the same ticket, over and over
+            await client.chat.completions.create(model="gpt-4", messages=ticket, max_tokens=250)
+            calls += 1
+    assert e.value.body["code"] == "max_cost_per_intent_usd"  # type: ignore[index]
+    assert "intent 'int_abc123' reached max_cost_per_intent_usd" in e.value.body["message"]  # type: ignore[index]
+    assert "is now paused" in e.value.body["message"]  # type: ignore[index]
+    spent = proxy.svc.enforcer.intents["int_abc123"].used
+    assert calls == 66 and spent == 66 * 30_000_000_000  # $1.98: the next $0.03 would pass $2
+    # Paused: another task of the same agent is refused too, until someone resumes it.
+    other = sdk(proxy, max_retries=0, default_headers={"X-Intent-Id": "int_def456"})
+    with pytest.raises(openai.RateLimitError) as e:
+        await other.chat.completions.create(model="gpt-4", messages=HI, max_tokens=10)
+    assert e.value.body["code"] == "agent_paused"  # type: ignore[index]
