@@ -266,6 +266,13 @@ def refusal_message(check: Check, calendar: Calendar, now: float) -> str:
     return "".join(parts)
 
 
+def pause_reason(check: Check, calendar: Calendar, now: float) -> str:
+    return (
+        f"breached {check.limit} at {calendar.iso(now)}: {_describe_scope(check)} used"
+        f" {_amount(check, check.used)} of {_amount(check, check.limit_value)}"
+    )
+
+
 def _duration(seconds: int) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)

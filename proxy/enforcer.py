@@ -31,6 +31,7 @@ from proxy.budgets import (
     PolicySet,
     breaches,
     decisive,
+    pause_reason,
     refusal_message,
 )
 from proxy.money import usd_exact
@@ -358,7 +359,7 @@ class Enforcer:
         if check.limit == LOOP_CODE:
             self.bus.emit(events.Event(events.LOOP, message, now, agent, _check_data(check)))
         if check.action == "pause":
-            self.paused[agent] = f"{check.limit}: {message}"
+            self.paused[agent] = pause_reason(check, self.calendar, now)
             message += f". Agent '{agent}' is now paused until resumed through the admin API"
             self.bus.emit(events.Event(events.PAUSED, message, now, agent, _check_data(check)))
         self.bus.emit(events.Event(events.REFUSED, message, now, agent, _check_data(check)))

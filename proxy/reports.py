@@ -119,8 +119,8 @@ class Report:
         return buf.getvalue()
 
     def to_table(self) -> str:
-        head = [self.by.upper(), *(["WINDOW"] if self.window else []), "CALLS", "IN", "OUT",
-                "COST_USD"]  # fmt: skip
+        head = [self.by.upper(), *(["WINDOW"] if self.window else []), "CALLS", "REFUSED", "IN",
+                "OUT", "COST_USD"]  # fmt: skip
         lines = []
         for row in self.rows:
             t = row.totals
@@ -128,16 +128,17 @@ class Report:
             if self.window:
                 cells.append(self.calendar.iso(row.window_start or 0)[:16].replace("T", " "))
             cost = usd_fixed(t.cost_pico) + (f" (+{t.unpriced} unpriced)" if t.unpriced else "")
-            cells += [str(t.llm_calls), str(t.input_tokens), str(t.output_tokens), cost]
+            cells += [str(t.llm_calls), str(t.refused), str(t.input_tokens), str(t.output_tokens),
+                      cost]  # fmt: skip
             lines.append(cells)
         t = self.total
-        total_row = ["TOTAL", *([""] if self.window else []), str(t.llm_calls),
+        total_row = ["TOTAL", *([""] if self.window else []), str(t.llm_calls), str(t.refused),
                      str(t.input_tokens), str(t.output_tokens), usd_fixed(t.cost_pico)]  # fmt: skip
         widths = [max(len(r[i]) for r in [head, *lines, total_row]) for i in range(len(head))]
 
         def fmt(cells: list[str]) -> str:
             return "  ".join(
-                c.rjust(w) if i >= len(head) - 4 else c.ljust(w)
+                c.rjust(w) if i >= len(head) - 5 else c.ljust(w)
                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))
             ).rstrip()
 

@@ -336,7 +336,7 @@ async def test_cli_agents_pause_resume_against_the_running_proxy(
 
 
 async def test_the_readme_example_a_loop_caught_by_the_per_intent_cap(
-    make_proxy: ProxyFactory, fake: Any
+    make_proxy: ProxyFactory, fake: Any, caplog: Any
 ) -> None:
     """The product note's story: research-agent, $50/day, $2 per intent, GPT-4 in a loop."""
     upstream, _ = fake
@@ -353,7 +353,9 @@ budgets:
       action_on_breach: pause
 """,
     )
-    ticket = [{"role": "user", "content": "Customer says the app crashes on login. " * 55}]
+    # 500 prompt tokens in gpt-4's own encoding (cl100k), as the provider would count them.
+    ticket = [{"role": "user",
+               "content": "Customer says the app crashes on login. " * 61 + "Please help us."}]  # fmt: skip
     client = sdk(proxy, max_retries=0, default_headers={"X-Intent-Id": "int_abc123"})
     calls = 0
     with pytest.raises(openai.RateLimitError) as e:
@@ -364,7 +366,10 @@ budgets:
     assert "intent 'int_abc123' reached max_cost_per_intent_usd" in e.value.body["message"]  # type: ignore[index]
     assert "is now paused" in e.value.body["message"]  # type: ignore[index]
     spent = proxy.svc.enforcer.intents["int_abc123"].used
-    assert calls == 66 and spent == 66 * 30_000_000_000  # $1.98: the next $0.03 would pass $2
+    # Each call reserves 550 (500 + 10%) * $30 + 250 * $60 per 1M = $0.0315 and costs $0.03:
+    # after 66 calls ($1.98) the next reservation would pass $2.
+    assert calls == 66 and spent == 66 * 30_000_000_000
+    assert not [r for r in caplog.records if "more than its reservation" in r.getMessage()]
     # Paused: another task of the same agent is refused too, until someone resumes it.
     other = sdk(proxy, max_retries=0, default_headers={"X-Intent-Id": "int_def456"})
     with pytest.raises(openai.RateLimitError) as e:
