@@ -6,18 +6,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import ClientSession, web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
 from proxy.budgets import Calendar, validate_policy_json
 from proxy.config import Config
 from proxy.enforcer import Enforcer
+from proxy.errors import ProxyFault
 from proxy.events import EventBus
 from proxy.handler import proxy_handler
 from proxy.ledger import LedgerWriter
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.pricing import PriceTable, load_price_table
 from proxy.reload import Reloader
 from proxy.schema import FieldError
@@ -47,6 +51,7 @@ def create_app(config: Config, options: Options | None = None) -> web.Applicatio
     app.router.add_route("*", "/v1/{tail:.*}", proxy_handler)
     app.router.add_route("*", "/agents/{agent}/v1/{tail:.*}", proxy_handler)
     app.router.add_get("/meter/health", health)
+    app.router.add_get("/metrics", metrics)
     from proxy.admin import add_admin_routes
 
     add_admin_routes(app)
@@ -98,10 +103,21 @@ def _services_ctx(
             session=make_session(),
             keys=KeyRing(config.keys),
         )
+        svc.metrics = Metrics(lambda: svc.enforcer, clock, lambda: _ledger_metrics(svc))
+        svc.watch = UpstreamWatch(bus, config.alerts.upstream_failures)
+        svc.alerts = AlertSender(config.alerts, lambda: _session(svc))
+        bus.subscribe(svc.alerts)
         app[SERVICES] = svc
         reloader = Reloader(svc, options.reparse)
         app[RELOADER] = reloader
-        background = [asyncio.create_task(reloader.run(), name="meterproxy-reload")]
+        background = [
+            asyncio.create_task(reloader.run(), name="meterproxy-reload"),
+            asyncio.create_task(svc.alerts.run(), name="meterproxy-alerts"),
+        ]
+        if config.retention_days is not None:
+            background.append(
+                asyncio.create_task(_prune(svc, config.retention_days), name="meterproxy-prune")
+            )
         try:
             yield
         finally:
@@ -116,10 +132,59 @@ def _services_ctx(
     return ctx
 
 
+def _session(svc: Services) -> ClientSession:
+    assert svc.session is not None
+    return svc.session
+
+
+def _ledger_metrics(svc: Services) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    yield GaugeMetricFamily(
+        "meterproxy_ledger_backlog_rows", "Rows waiting for a commit", value=svc.ledger.backlog
+    )
+    yield CounterMetricFamily(
+        "meterproxy_ledger_commits", "Group commits of the ledger", value=svc.ledger.commits
+    )
+    if svc.alerts is not None:
+        yield CounterMetricFamily(
+            "meterproxy_alerts_dropped", "Alerts dropped: the queue was full",
+            value=svc.alerts.dropped,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meterproxy_alerts_failed", "Alerts not delivered after every retry",
+            value=svc.alerts.failed,
+        )  # fmt: skip
+
+
+async def _prune(svc: Services, days: int) -> None:
+    """Drop call rows past retention (rollups and intent totals stay), hourly."""
+    while True:
+        cutoff = svc.clock() - days * 86400
+        try:
+            deleted = await svc.storage.prune_calls(cutoff)
+            if deleted:
+                log.info("retention: pruned %d call rows older than %d days", deleted, days)
+        except Exception:
+            log.exception("retention: pruning failed")
+        await asyncio.sleep(3600)
+
+
 def _json(text: str) -> object:
     import orjson
 
     return orjson.loads(text)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    if svc.config.metrics_need_token:
+        from proxy.admin import authorize
+
+        try:
+            authorize(request)
+        except ProxyFault as fault:
+            return fault.response()
+    assert svc.metrics is not None
+    return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def health(request: web.Request) -> web.Response:

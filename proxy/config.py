@@ -75,6 +75,8 @@ class AlertsConfig:
     webhooks: tuple[tuple[str, str], ...] = ()  # (url, format)
     thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     queue_size: int = 1000
+    repeat_seconds: float = 300.0  # a repeating refusal alerts at most once per interval
+    upstream_failures: int = 5  # consecutive failed calls that make an upstream "failing"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Config:
     default_agent: str = "anonymous"
     keys: dict[str, str] = field(default_factory=dict)  # proxy key -> agent
     admin_token: str | None = None
+    metrics_need_token: bool = False  # /metrics behind the admin token too
     log_format: str = "text"
     log_file: Path | None = None
     log_level: str = "INFO"
@@ -194,7 +197,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
     attribution = top.section("attribution")
     attribution.check_unknown(("agent_header", "intent_header", "default_agent"))
     admin = top.section("admin")
-    admin.check_unknown(("token",))
+    admin.check_unknown(("token", "protect_metrics"))
     logging_ = top.section("logging")
     logging_.check_unknown(("format", "file", "level"))
     budgets = top.section("budgets")
@@ -209,7 +212,9 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         )
     )
     alerts = top.section("alerts")
-    alerts.check_unknown(("webhooks", "thresholds", "queue_size"))
+    alerts.check_unknown(
+        ("webhooks", "thresholds", "queue_size", "repeat_seconds", "upstream_failures")
+    )
 
     tz = budgets.string("timezone", "UTC")
     try:
@@ -283,6 +288,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         default_agent=default_agent,
         keys=keys,
         admin_token=token,
+        metrics_need_token=admin.boolean("protect_metrics", False),
         log_format=logging_.choice("format", ("text", "json"), "text"),
         log_file=(base / log_file) if log_file else None,
         log_level=logging_.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
@@ -294,6 +300,8 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
             webhooks=tuple(webhooks),
             thresholds=tuple(float(t) for t in thresholds),
             queue_size=alerts.integer("queue_size", 1000, min=1),
+            repeat_seconds=alerts.number("repeat_seconds", 300.0, min=0),
+            upstream_failures=alerts.integer("upstream_failures", 5, min=1),
         ),
     )
 

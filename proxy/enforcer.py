@@ -523,6 +523,26 @@ class Enforcer:
 
     # -- read-only views ----------------------------------------------------------------
 
+    def remaining(self, now: float) -> Iterator[tuple[str, str, str, int]]:
+        """(scope, agent, limit, pico-USD left) for every cost limit in force."""
+        cal = self.calendar
+        names = set(self.agents) | self.policies.names() | set(self.paused)
+        for agent in sorted(names):
+            policy, _ = self.policies.for_agent(agent)
+            if policy is None:
+                continue
+            scope = self.scope(agent)
+            for limit, window in COST_LIMITS.items():
+                if window in policy.cost:
+                    c = scope.cost_counter(window, cal, now)
+                    yield "agent", agent, limit, max(policy.cost[window] - c.used - c.reserved, 0)
+        g = self.policies.global_policy
+        if g is not None:
+            for limit, window in COST_LIMITS.items():
+                if window in g.cost:
+                    c = self.global_scope.cost_counter(window, cal, now)
+                    yield "global", "", limit, max(g.cost[window] - c.used - c.reserved, 0)
+
     def spent(self, agent: str, window: str, now: float) -> int:
         return self.scope(agent).cost_counter(window, self.calendar, now).used
 

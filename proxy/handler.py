@@ -24,7 +24,6 @@ from aiohttp import (
 )
 
 from proxy.attribution import UNAUTHENTICATED, identify
-from proxy.calllog import log_call
 from proxy.config import Upstream
 from proxy.enforcer import Refusal, Ticket
 from proxy.errors import BUDGET_ERROR, ProxyFault
@@ -80,6 +79,8 @@ class Call:
         self.price: ModelPrice | None = None
         self.recorded = False
         self.forwarded = False  # the request went to the upstream (or was on its way)
+        self.t_sent: float | None = None
+        self.t_upstream_done: float | None = None
         self.maybe_billed = False  # forwarded, then no answer: tokens unknown, not zero
         self.record = CallRecord(
             id=svc.new_id(),
@@ -254,6 +255,7 @@ class Call:
         rec.llm_calls = 1 if metered else 0
         assert svc.session is not None
         self.forwarded = True
+        self.t_sent = time.perf_counter()
         try:
             response = await svc.session.request(
                 request.method,
@@ -295,6 +297,7 @@ class Call:
         rec = self.record
         try:
             data = await response.read()
+            self.t_upstream_done = time.perf_counter()
         except TimeoutError:
             self.maybe_billed = True
             raise self._upstream_fault(504, "upstream_timeout", "stalled mid-body") from None
@@ -352,6 +355,7 @@ class Call:
             client_gone = True
         except ClientError as e:
             cut = f"upstream stream cut: {type(e).__name__}"
+        self.t_upstream_done = time.perf_counter()
         rec.status = response.status
         rec.model_served = meter.model
         usage = meter.facts.usage
@@ -482,9 +486,10 @@ class Call:
         self._log()
 
     def _log(self) -> None:
-        rec = self.record
-        today = self.svc.enforcer.spent(rec.agent, "day", rec.started_at)
-        log_call(rec, today)
+        upstream_seconds = None
+        if self.t_sent is not None and self.t_upstream_done is not None:
+            upstream_seconds = self.t_upstream_done - self.t_sent
+        self.svc.after_call(self.record, upstream_seconds, self.forwarded)
 
     def _record_abnormal(self) -> None:
         rec = self.record

@@ -101,6 +101,7 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
         llm_calls=m["llm_calls"], refused=False, reserved_pico=0,
     )  # fmt: skip
     await svc.ledger.commit(record)
+    svc.after_call(record)
     status = enforcer.status(agent, now)
     answer: dict[str, Any] = {
         "allowed": refusal is None,

@@ -10,12 +10,16 @@ from itertools import count
 
 from aiohttp import ClientSession, web
 
+from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
+from proxy.calllog import log_call
 from proxy.config import Config
 from proxy.enforcer import Enforcer
 from proxy.events import EventBus
 from proxy.ledger import LedgerWriter
+from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
+from proxy.records import CallRecord
 from proxy.storage import Storage
 from proxy.tokens import TokenCounter
 
@@ -47,6 +51,19 @@ class Services:
     warned_models: set[str] = field(default_factory=set)
     inflight: set[asyncio.Task[object]] = field(default_factory=set)  # calls being served
     shutting_down: bool = False  # set when calls in flight are being cancelled
+    metrics: Metrics | None = None
+    alerts: AlertSender | None = None
+    watch: UpstreamWatch | None = None
+
+    def after_call(
+        self, record: CallRecord, upstream_seconds: float | None = None, forwarded: bool = False
+    ) -> None:
+        """Once per ledger row: the log line, the metrics, the upstream's health."""
+        log_call(record, self.enforcer.spent(record.agent, "day", record.started_at))
+        if self.metrics is not None:
+            self.metrics.observe(record, upstream_seconds)
+        if self.watch is not None:
+            self.watch.observe(record.upstream, record.status, forwarded, record.ended_at)
 
     def apply_config(self, config: Config) -> None:
         """Swap in a reloaded config: policies, keys, upstreams, attribution."""

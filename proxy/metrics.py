@@ -1,0 +1,137 @@
+"""Prometheus metrics, produced with prometheus_client on a registry of our own.
+
+Labels are agent and model (intent is unbounded and is never a label). Both are capped:
+past `MAX_LABEL_VALUES` distinct values, new ones are counted under `other`, so a client
+inventing agent names cannot blow up the scrape. Gauges of budgets and reservations are
+read from the enforcer at scrape time, not kept up to date per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from proxy.enforcer import Enforcer
+from proxy.records import CallRecord
+
+MAX_LABEL_VALUES = 1000
+PICO = 1e12
+TOKEN_KINDS = ("input", "cached_input", "output", "reasoning", "cache_write")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Capped:
+    """Label values as seen, up to a cap; later newcomers become 'other'."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= MAX_LABEL_VALUES:
+            return "other"
+        self._seen.add(value)
+        return value
+
+
+class _State(Collector):
+    def __init__(self, enforcer: Callable[[], Enforcer], now: Callable[[], float],
+                 extra: Callable[[], Iterator[GaugeMetricFamily | CounterMetricFamily]]) -> None:  # fmt: skip
+        self.enforcer = enforcer
+        self.now = now
+        self.extra = extra
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        enforcer = self.enforcer()
+        remaining = GaugeMetricFamily(
+            "meterproxy_budget_remaining_usd",
+            "What remains of each cost limit (limit - spent - reserved), USD",
+            labels=["scope", "agent", "limit"],
+        )
+        for scope, agent, limit, left in enforcer.remaining(self.now()):
+            remaining.add_metric([scope, agent, limit], left / PICO)
+        yield remaining
+        yield GaugeMetricFamily(
+            "meterproxy_reservations_outstanding",
+            "Admitted calls whose reservation is not settled yet",
+            value=enforcer.outstanding,
+        )
+        yield GaugeMetricFamily(
+            "meterproxy_reserved_usd",
+            "Budget held by outstanding reservations, USD",
+            value=enforcer.outstanding_pico / PICO,
+        )
+        paused = GaugeMetricFamily("meterproxy_agent_paused", "1 while an agent is paused",
+                                   labels=["agent"])  # fmt: skip
+        for agent in sorted(enforcer.paused):
+            paused.add_metric([agent], 1)
+        yield paused
+        yield from self.extra()
+
+
+class Metrics:
+    def __init__(
+        self,
+        enforcer: Callable[[], Enforcer],
+        now: Callable[[], float],
+        extra: Callable[[], Iterator[GaugeMetricFamily | CounterMetricFamily]] = lambda: iter(()),
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.cost = Counter("meterproxy_cost_usd", "Spend recorded, USD", ["agent", "model"],
+                            registry=r)  # fmt: skip
+        self.tokens = Counter("meterproxy_tokens", "Tokens recorded, by kind",
+                              ["agent", "model", "kind"], registry=r)  # fmt: skip
+        self.requests = Counter("meterproxy_requests", "Calls answered, by HTTP status",
+                                ["agent", "model", "status"], registry=r)  # fmt: skip
+        self.refusals = Counter("meterproxy_budget_refusals", "Calls refused, by limit",
+                                ["agent", "limit"], registry=r)  # fmt: skip
+        self.overhead = Histogram(
+            "meterproxy_overhead_seconds",
+            "Time a call spent in the proxy itself (total minus waiting on the upstream)",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+            registry=r,
+        )
+        self.upstream = Histogram(
+            "meterproxy_upstream_latency_seconds",
+            "Time from forwarding a call to the upstream's last byte",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        r.register(_State(enforcer, now, extra))
+        self._agent = _Capped()
+        self._model = _Capped()
+
+    def observe(self, record: CallRecord, upstream_seconds: float | None) -> None:
+        agent = self._agent(record.agent)
+        model = self._model(record.model_priced or record.model_requested or "-")
+        self.requests.labels(agent, model, str(record.status)).inc()
+        if record.refused:
+            limit = (record.error or "").split(":", 1)[0] or "unknown"
+            self.refusals.labels(agent, limit).inc()
+            return
+        if record.cost_pico:
+            self.cost.labels(agent, model).inc(record.cost_pico / PICO)
+        for kind, value in zip(
+            TOKEN_KINDS,
+            (
+                record.input_tokens,
+                record.cached_input_tokens,
+                record.output_tokens,
+                record.reasoning_tokens,
+                record.cache_write_tokens,
+            ),
+            strict=True,
+        ):
+            if value:
+                self.tokens.labels(agent, model, kind).inc(value)
+        if upstream_seconds is not None:
+            self.upstream.observe(upstream_seconds)
+            self.overhead.observe(max(record.latency_ms / 1000 - upstream_seconds, 0.0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
