@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import replace
@@ -96,10 +97,8 @@ async def test_refusals_pauses_and_slack_format(make_proxy: ProxyFactory, fake: 
         client = openai.AsyncOpenAI(
             base_url=f"{proxy.url}/agents/{agent}/v1", api_key="k", max_retries=0
         )
-        try:
+        with contextlib.suppress(openai.RateLimitError):
             await client.chat.completions.create(model="gpt-4o", messages=HI)
-        except openai.RateLimitError:
-            pass
     await proxy.svc.enforcer.resume("p", proxy.svc.clock())
     await settle(proxy)
     texts = [e["text"] for e in receiver.received]
@@ -151,10 +150,8 @@ async def test_delivery_retries_then_logs_the_failure(make_proxy: ProxyFactory, 
     assert proxy.svc.alerts is not None
     proxy.svc.alerts.retry_delays = (0.01, 0.01)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/z/v1", api_key="k", max_retries=0)
-    try:
+    with contextlib.suppress(openai.RateLimitError):
         await client.chat.completions.create(model="gpt-4o", messages=HI)
-    except openai.RateLimitError:
-        pass
     await settle(proxy)
     assert len(receiver.received) == 3 and proxy.svc.alerts.failed == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -172,10 +169,8 @@ async def test_upstream_failing_repeatedly(
     upstream.script.update(status=500)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
     for _ in range(7):
-        try:
+        with contextlib.suppress(openai.InternalServerError):
             await client.chat.completions.create(model="gpt-4o", messages=HI)
-        except openai.InternalServerError:
-            pass
     await settle(proxy)
     failing = receiver.events("upstream_failing")
     assert len(failing) == 1 and failing[0]["data"] == {
