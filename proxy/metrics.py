@@ -38,9 +38,16 @@ class _Capped:
         return value
 
 
+Families = Iterator[GaugeMetricFamily | CounterMetricFamily]
+
+
 class _State(Collector):
-    def __init__(self, enforcer: Callable[[], Enforcer], now: Callable[[], float],
-                 extra: Callable[[], Iterator[GaugeMetricFamily | CounterMetricFamily]]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        enforcer: Callable[[], Enforcer],
+        now: Callable[[], float],
+        extra: Callable[[], Families],
+    ) -> None:
         self.enforcer = enforcer
         self.now = now
         self.extra = extra
