@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -96,7 +97,19 @@ def known_agents(svc: Services) -> list[str]:
 @admin
 async def list_agents(request: web.Request, svc: Services) -> web.StreamResponse:
     now = svc.clock()
-    return json_response({"agents": [svc.enforcer.status(a, now) for a in known_agents(svc)]})
+    cal = svc.enforcer.calendar
+    windows = {}
+    for kind in COST_WINDOWS:
+        start, end = cal.window(kind, now)
+        windows[kind] = {"starts": cal.iso(start), "resets": cal.iso(end)}
+    return json_response(
+        {
+            "timezone": cal.tz_name,
+            "windows": windows,
+            "reserved_usd": usd_exact(svc.enforcer.outstanding_pico),
+            "agents": [svc.enforcer.status(a, now) for a in known_agents(svc)],
+        }
+    )
 
 
 @admin
@@ -253,6 +266,39 @@ async def recent_calls(request: web.Request, svc: Services) -> web.StreamRespons
     return json_response({"calls": rows})
 
 
+_STATIC = Path(__file__).parent / "static"
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+# The page talks only to this proxy: no CDN, no inline script, no third-party anything.
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+    " connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _static(name: str) -> web.Response:
+    path = _STATIC / name
+    if name not in _STATIC_FILES:
+        raise web.HTTPNotFound()
+    return web.Response(
+        body=_STATIC_FILES[name],
+        content_type=_TYPES[path.suffix],
+        headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-cache"},
+    )
+
+
+# Read once at import: three small files, served from memory.
+_STATIC_FILES = {p.name: p.read_bytes() for p in _STATIC.iterdir() if p.suffix in _TYPES}
+
+
+async def dashboard(request: web.Request) -> web.StreamResponse:
+    """The page itself holds no data: it asks for the admin token and reads the API."""
+    return _static("dashboard.html")
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    return _static(request.match_info["name"])
+
+
 def add_admin_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/meter/agents", list_agents)
@@ -265,6 +311,5 @@ def add_admin_routes(app: web.Application) -> None:
     r.add_get("/meter/spend", get_spend)
     r.add_get("/meter/calls", recent_calls)
     r.add_post("/meter/heartbeat", heartbeat)
-
-
-__all__ = ["COST_WINDOWS", "add_admin_routes", "authorize", "json_response"]
+    r.add_get("/meter/dashboard", dashboard)
+    r.add_get("/meter/static/{name}", static_file)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,7 +18,7 @@ from typing import Any
 from proxy.budgets import Calendar
 from proxy.money import usd_exact, usd_fixed
 from proxy.storage import AggRow, Storage, Totals
-from proxy.storage.base import BUCKET_SECONDS, GROUPS
+from proxy.storage.base import BUCKET_SECONDS, GROUPS, Grouping
 
 WINDOWS = ("hour", "day", "week", "month")
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
@@ -150,6 +151,46 @@ class Report:
         return "\n".join([*out, note + ")"])
 
 
+def offset_segments(calendar: Calendar, lo: float, hi: float) -> list[tuple[float, float, int]]:
+    """[lo, hi) cut where the zone's UTC offset changes: (start, end, offset seconds)."""
+    tz = calendar.tz
+
+    def offset(t: float) -> int:
+        delta = datetime.fromtimestamp(t, tz).utcoffset()
+        return int(delta.total_seconds()) if delta is not None else 0
+
+    segments = []
+    start, current, probe = lo, offset(lo), lo
+    while probe < hi:
+        step = min(probe + 7 * 86400, hi)  # zones change offset a few times a year at most
+        last = step if step < hi else hi - 0.5  # a moment inside [lo, hi)
+        if offset(last) == current:
+            probe = step
+            continue
+        a, b = probe, last  # offset(a) == current != offset(b): bisect the change
+        while b - a > 0.5:
+            mid = (a + b) / 2
+            a, b = (mid, b) if offset(mid) == current else (a, mid)
+        change = float(math.floor(b))  # changes happen on whole seconds, in (a, b]
+        segments.append((start, change, current))
+        start = probe = change
+        current = offset(change)
+    segments.append((start, hi, current))
+    return [seg for seg in segments if seg[1] > seg[0]]
+
+
+_MONDAY = 4 * 86400  # 1970-01-01 was a Thursday: epoch weeks start on Monday + 4 days
+
+
+def grouping_for(window: str, offset: int) -> Grouping:
+    """Fixed-width windows for one stretch of constant offset; months go by day."""
+    if window == "hour":
+        return Grouping(offset, 3600)
+    if window == "week":
+        return Grouping(offset - _MONDAY, 7 * 86400)
+    return Grouping(offset, 86400)  # day, and month (days merged into months below)
+
+
 async def spend_report(
     storage: Storage,
     calendar: Calendar,
@@ -164,39 +205,75 @@ async def spend_report(
         raise ReportError("by", f"by={by!r}: must be one of {', '.join(GROUPS)}")
     if window is not None and window not in WINDOWS:
         raise ReportError("window", f"window={window!r}: must be one of {', '.join(WINDOWS)}")
-    lo = since if since is not None else 0.0
-    hi = until if until is not None else 2.0**40
-    if hi <= lo:
+    if since is not None and until is not None and until <= since:
         raise ReportError("until", "until must be later than since")
-    split = window is not None
-    parts: list[AggRow] = []
-    if by == "intent":
-        parts += await storage.aggregate_calls(lo, hi, by, agent, split)
-    else:
-        a = -(-int(lo) // BUCKET_SECONDS) * BUCKET_SECONDS
-        b = int(hi) // BUCKET_SECONDS * BUCKET_SECONDS
-        if a >= b:
-            parts += await storage.aggregate_calls(lo, hi, by, agent, split)
-        else:
-            parts += await storage.aggregate_rollups(a, b, by, agent, split)
-            if lo < a:
-                parts += await storage.aggregate_calls(lo, a, by, agent, split)
-            if b < hi:
-                parts += await storage.aggregate_calls(b, hi, by, agent, split)
-    merged: dict[tuple[str, float | None], ReportRow] = {}
-    starts: dict[int, float] = {}
-    for part in parts:
-        start = None
-        if window is not None and part.bucket is not None:
-            start = starts.get(part.bucket)
-            if start is None:
-                start = starts[part.bucket] = calendar.window_start(window, part.bucket)
-        row = merged.get((part.key, start))
-        if row is None:
-            row = merged[(part.key, start)] = ReportRow(part.key, start)
-        row.totals.add(part.totals)
-    rows = sorted(merged.values(), key=lambda r: (r.window_start or 0, -r.totals.cost_pico, r.key))
+    source = "calls" if by == "intent" else "rollups"
+    span = await storage.time_span(source)
+    rows: dict[tuple[str, float | None], ReportRow] = {}
+    if span is not None:
+        lo = max(since, span[0]) if since is not None else span[0]
+        hi = min(until, span[1] + 1) if until is not None else span[1] + 1
+        for kind, a, b in _pieces(by, lo, hi):
+            await _collect(storage, calendar, kind, a, b, by, window, agent, rows)
+    ordered = sorted(rows.values(), key=lambda r: (r.window_start or 0, -r.totals.cost_pico, r.key))
     total = Totals()
-    for row in rows:
+    for row in ordered:
         total.add(row.totals)
-    return Report(by, window, since, until, calendar, rows, total)
+    return Report(by, window, since, until, calendar, ordered, total)
+
+
+def _pieces(by: str, lo: float, hi: float) -> list[tuple[str, float, float]]:
+    """Whole buckets from the rollups; ragged edges (and intents) from call rows."""
+    if hi <= lo:
+        return []
+    if by == "intent":
+        return [("calls", lo, hi)]
+    a = -(-int(lo) // BUCKET_SECONDS) * BUCKET_SECONDS
+    b = int(hi) // BUCKET_SECONDS * BUCKET_SECONDS
+    if a >= b:
+        return [("calls", lo, hi)]
+    pieces = [("rollups", float(a), float(b))]
+    if lo < a:
+        pieces.append(("calls", lo, float(a)))
+    if b < hi:
+        pieces.append(("calls", float(b), hi))
+    return pieces
+
+
+async def _collect(
+    storage: Storage,
+    calendar: Calendar,
+    kind: str,
+    lo: float,
+    hi: float,
+    by: str,
+    window: str | None,
+    agent: str | None,
+    rows: dict[tuple[str, float | None], ReportRow],
+) -> None:
+    async def fetch(a: float, b: float, grouping: Grouping | None) -> list[AggRow]:
+        if kind == "rollups":
+            return await storage.aggregate_rollups(int(a), int(b), by, agent, grouping)
+        return await storage.aggregate_calls(a, b, by, agent, grouping)
+
+    if window is None:
+        for part in await fetch(lo, hi, None):
+            _merge(rows, part.key, None, part.totals)
+        return
+    for seg_lo, seg_hi, offset in offset_segments(calendar, lo, hi):
+        grouping = grouping_for(window, offset)
+        for part in await fetch(seg_lo, seg_hi, grouping):
+            assert part.window is not None
+            # A moment surely inside this part's calendar window: its fixed-width start,
+            # or the segment's start when the window began under another offset.
+            inside = max(part.window * grouping.width - grouping.shift, seg_lo)
+            _merge(rows, part.key, calendar.window_start(window, inside), part.totals)
+
+
+def _merge(
+    rows: dict[tuple[str, float | None], ReportRow], key: str, start: float | None, totals: Totals
+) -> None:
+    row = rows.get((key, start))
+    if row is None:
+        row = rows[(key, start)] = ReportRow(key, start)
+    row.totals.add(totals)

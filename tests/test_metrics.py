@@ -121,3 +121,27 @@ async def test_label_values_are_capped(proxy: Proxy, monkeypatch: Any) -> None:
     m = samples(await scrape(proxy))
     agents = {dict(k[1]).get("agent") for k in m if k[0] == "meterproxy_requests_total"}
     assert agents == {"a1", "a2", "other"}
+
+
+async def test_the_grafana_dashboard_uses_only_metrics_we_export(proxy: Proxy) -> None:
+    import json
+    import re
+
+    from tests.conftest import ROOT
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            proxy.url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": HI}
+        ) as r:
+            assert r.status == 200
+    await proxy.flushed()
+    names = set()
+    for family in text_string_to_metric_families(await scrape(proxy)):
+        names |= {s.name for s in family.samples} | {family.name}
+        if family.type == "counter":  # a labelled counter has no samples before its first use
+            names.add(family.name + "_total")
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(meterproxy_[a-z_]+)", e)}
+    assert len(exprs) >= 10 and used
+    assert used - names == set()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
@@ -123,3 +124,67 @@ async def test_by_intent_and_bad_parameters(storage: Storage) -> None:
 )  # fmt: skip
 def test_parse_time(text: str, expected: Any) -> None:
     assert parse_time(text, Calendar(TZ), 1_000_000.0, "since") == expected
+
+
+@pytest.mark.parametrize("tz", ["Europe/Berlin", "America/New_York", "Asia/Kolkata", "UTC"])
+async def test_windows_match_a_brute_force_grouping_across_dst(storage: Storage, tz: str) -> None:
+    """Calls spread over four months (two DST changes); every report equals grouping each
+    call by `Calendar.window_start` one by one."""
+    import random
+
+    rnd = random.Random(11)
+    start = datetime.fromisoformat("2026-02-20T00:00:00+00:00").timestamp()
+    records = [
+        call(i, start + rnd.random() * 120 * 86400, rnd.choice(["a", "b", "c"]),
+             rnd.randrange(1, 10**9), model=rnd.choice(["m1", "m2"]))
+        for i in range(3000)
+    ]  # fmt: skip
+    await storage.write_calls(records)
+    cal = Calendar(tz)
+    since = start + 5 * 86400 + 437.5  # ragged: not on a bucket boundary
+    until = start + 110 * 86400 - 61
+    for window in ("hour", "day", "week", "month"):
+        for by, agent in (("agent", None), ("model", None), ("model", "b"), ("intent", None)):
+            report = await spend_report(storage, cal, by=by, window=window, since=since,
+                                        until=until, agent=agent)  # fmt: skip
+            expected: dict[tuple[str, float], int] = {}
+            for r in records:
+                if not since <= r.started_at < until or (agent and r.agent != agent):
+                    continue
+                key = {"agent": r.agent, "model": r.model_requested, "intent": ""}[by]
+                w = cal.window_start(window, r.started_at)
+                expected[(key or "", w)] = expected.get((key or "", w), 0) + (r.cost_pico or 0)
+            got = {(row.key, row.window_start): row.totals.cost_pico for row in report.rows}
+            assert got == expected, (window, by, agent)
+
+
+async def test_retention_prunes_call_rows_but_reports_keep_them(
+    make_proxy: Any, tmp_path: Path
+) -> None:
+    from tests.conftest import FakeClock
+
+    db = tmp_path / "ledger.db"
+    old = await open_storage(f"sqlite:///{db}")
+    await old.write_calls([call(i, at("2026-08-10T12:00:00") + i, "a", 1_000) for i in range(5)]
+                          + [call(9, at("2026-11-20T12:00:00"), "a", 7)])  # fmt: skip
+    await old.close()
+    from proxy.app import Options
+
+    clock = FakeClock(at("2026-11-25T12:00:00"))
+    proxy = await make_proxy(
+        db_url=f"sqlite:///{db}", retention_days=30, options=Options(clock=clock)
+    )
+    storage = proxy.svc.storage
+    for _ in range(200):
+        if await storage.count_calls() == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert await storage.count_calls() == 1  # August's rows are gone, November's stays
+    report = await spend_report(storage, Calendar(TZ), window="month")
+    assert [(cal_month(r.window_start), r.totals.cost_pico) for r in report.rows] == [
+        ("2026-08", 5_000), ("2026-11", 7),
+    ]  # fmt: skip
+
+
+def cal_month(t: float | None) -> str:
+    return Calendar(TZ).iso(t or 0)[:7]

@@ -15,7 +15,7 @@ from functools import cache
 from typing import Any
 
 from proxy.records import CallRecord
-from proxy.storage.migrations import MIGRATIONS
+from proxy.storage.migrations import MIGRATIONS, ROLLUPS
 
 BUCKET_SECONDS = 900
 GROUPS = ("agent", "intent", "model", "upstream")
@@ -47,11 +47,25 @@ class Totals:
 _TOTAL_FIELDS = tuple(f.name for f in fields(Totals))
 
 
+@dataclass(frozen=True, slots=True)
+class Grouping:
+    """Windows of `width` seconds, shifted: a moment t falls in window (t + shift) // width.
+    Calendar windows are fixed-width only while the UTC offset is constant: the report layer
+    asks per stretch of constant offset and maps the indexes back to calendar windows."""
+
+    shift: int
+    width: int
+
+
 @dataclass(slots=True)
 class AggRow:
     key: str
-    bucket: int | None  # start of the 15-minute bucket, unix seconds; None when not split
+    window: int | None  # the window index under the Grouping asked for; None when not split
     totals: Totals = field(default_factory=Totals)
+
+
+def _int(value: Any) -> int:
+    return int(value) if value is not None else 0
 
 
 @dataclass(slots=True)
@@ -69,11 +83,12 @@ class IntentRow:
 
 
 _CALL_COLUMNS = CallRecord.columns()
-_INSERT_CALL = (
+INSERT_CALL = (
     f"INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)}) ON CONFLICT (id) DO NOTHING"
 )
 _ROLLUP_KEYS = {"agent": "agent", "model": "model", "upstream": "upstream"}
+assert set(_ROLLUP_KEYS) == {k for keys in ROLLUPS.values() for k in keys}
 _CALL_KEYS = {
     "agent": "agent",
     "intent": "COALESCE(intent, '')",
@@ -157,8 +172,10 @@ class Storage(ABC):
 
     # -- ledger -----------------------------------------------------------------------
 
+    @abstractmethod
     async def write_calls(self, records: Sequence[CallRecord]) -> None:
-        await self.insert_many(_INSERT_CALL, [r.as_row() for r in records])
+        """Insert call rows and add them to the rollups, in one transaction. A row whose id
+        is already stored is skipped, and not counted again."""
 
     async def recent_calls(self, limit: int, agent: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE agent = ?", [agent]) if agent else ("", [])
@@ -185,50 +202,59 @@ class Storage(ABC):
     # -- aggregates -------------------------------------------------------------------
 
     async def aggregate_rollups(
-        self, since: int, until: int, group: str, agent: str | None, by_bucket: bool
+        self, since: int, until: int, group: str, agent: str | None, grouping: Grouping | None
     ) -> list[AggRow]:
         """Sums from the 15-minute rollups over [since, until), both bucket-aligned."""
+        table = "rollup_15m" if agent is not None else f"rollup_{group}_15m"
         key = _ROLLUP_KEYS[group]
+        window = f"(bucket + {grouping.shift}) / {grouping.width}" if grouping else "NULL"
         sums = ", ".join(f"SUM({c})" for c in _TOTAL_FIELDS)
         return await self._aggregate(
-            f"SELECT {key}, {'bucket' if by_bucket else 'NULL'}, {sums} FROM rollup_15m "
-            "WHERE bucket >= ? AND bucket < ?",
+            f"SELECT {key}, {window}, {sums} FROM {table} WHERE bucket >= ? AND bucket < ?",
             [since, until],
             key,
             agent,
-            by_bucket,
+            grouping is not None,
         )
 
     async def aggregate_calls(
-        self, since: float, until: float, group: str, agent: str | None, by_bucket: bool
+        self, since: float, until: float, group: str, agent: str | None, grouping: Grouping | None
     ) -> list[AggRow]:
         """Sums straight from call rows over [since, until) (any alignment, any group)."""
         key = _CALL_KEYS[group]
-        bucket = self.bucket_expr("started_at") if by_bucket else "NULL"
+        window = self.window_expr("started_at", grouping) if grouping else "NULL"
         return await self._aggregate(
-            f"SELECT {key}, {bucket}, {', '.join(_CALL_SUMS)} FROM calls "
+            f"SELECT {key}, {window}, {', '.join(_CALL_SUMS)} FROM calls "
             "WHERE started_at >= ? AND started_at < ?",
             [since, until],
             key,
             agent,
-            by_bucket,
+            grouping is not None,
         )
 
     async def _aggregate(
-        self, sql: str, params: list[Any], key: str, agent: str | None, by_bucket: bool
+        self, sql: str, params: list[Any], key: str, agent: str | None, windowed: bool
     ) -> list[AggRow]:
         if agent is not None:
             sql += " AND agent = ?"
             params.append(agent)
-        sql += f" GROUP BY {key}" + (", 2" if by_bucket else "")
-        out = []
-        for row in await self.fetch(sql, params):
-            totals = Totals(*(int(v or 0) for v in row[2:]))
-            out.append(AggRow(row[0], int(row[1]) if row[1] is not None else None, totals))
-        return out
+        sql += f" GROUP BY {key}" + (", 2" if windowed else "")
+        return [
+            AggRow(row[0], int(row[1]) if row[1] is not None else None, Totals(*map(_int, row[2:])))
+            for row in await self.fetch(sql, params)
+        ]
 
-    def bucket_expr(self, column: str) -> str:
-        return f"CAST({column} / {BUCKET_SECONDS} AS INTEGER) * {BUCKET_SECONDS}"
+    def window_expr(self, column: str, grouping: Grouping) -> str:
+        return f"CAST(({column} + {grouping.shift}) / {grouping.width} AS INTEGER)"
+
+    async def time_span(self, source: str) -> tuple[float, float] | None:
+        """First and last moment with data: in the rollups or in the call rows."""
+        if source == "calls":
+            sql = "SELECT MIN(started_at), MAX(started_at) FROM calls"
+        else:
+            sql = "SELECT MIN(bucket), MAX(bucket) + 900 FROM rollup_agent_15m"
+        lo, hi = (await self.fetch(sql))[0]
+        return None if lo is None else (float(lo), float(hi))
 
     # -- budget state rebuilt after a restart -----------------------------------------
 

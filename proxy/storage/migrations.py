@@ -49,7 +49,7 @@ def m001_calls(dialect: str) -> list[str]:
     ]
 
 
-_SUMS = (
+SUMS = (
     "requests",
     "llm_calls",
     "refused",
@@ -64,23 +64,33 @@ _SUMS = (
 )
 
 
-def m002_rollups(dialect: str) -> list[str]:
-    """15-minute rollups and per-intent lifetime totals, kept by a trigger on `calls`.
+ROLLUPS = {
+    # table: its key columns besides the bucket (wide one first: agent-filtered reports)
+    "rollup_15m": ("agent", "model", "upstream"),
+    # Narrow ones serve the unfiltered reports: a dozen times fewer rows to scan.
+    "rollup_agent_15m": ("agent",),
+    "rollup_model_15m": ("model",),
+    "rollup_upstream_15m": ("upstream",),
+}
 
-    A trigger (not the writer) keeps them, so a row inserted twice by a replay
-    (ON CONFLICT DO NOTHING) is never counted twice. 15 minutes divides every time zone's
-    offset, so reports and budget windows in any zone are exact unions of buckets.
+
+def m002_rollups(dialect: str) -> list[str]:
+    """15-minute rollups and per-intent lifetime totals, kept by the ledger writer in the
+    same transaction as the call rows (see `proxy.storage.rollups`).
+
+    15 minutes divides every time zone's offset, so reports and budget windows in any zone
+    are exact unions of buckets.
     """
-    sums = ",\n".join(f"    {c} BIGINT NOT NULL" for c in _SUMS)
-    tables = [
-        f"""CREATE TABLE rollup_15m (
-    bucket BIGINT NOT NULL,
-    agent TEXT NOT NULL,
-    model TEXT NOT NULL,
-    upstream TEXT NOT NULL,
-{sums},
-    PRIMARY KEY (bucket, agent, model, upstream)
-)""",
+    sums = ",\n".join(f"    {c} BIGINT NOT NULL" for c in SUMS)
+    tables = []
+    for table, keys in ROLLUPS.items():
+        key_columns = "".join(f"    {k} TEXT NOT NULL,\n" for k in keys)
+        tables.append(
+            f"CREATE TABLE {table} (\n    bucket BIGINT NOT NULL,\n{key_columns}{sums},\n"
+            f"    PRIMARY KEY (bucket, {', '.join(keys)})\n)"
+        )
+    return [
+        *tables,
         """CREATE TABLE intents (
     intent TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
@@ -94,67 +104,6 @@ def m002_rollups(dialect: str) -> list[str]:
     unpriced BIGINT NOT NULL
 )""",
         "CREATE INDEX intents_agent_first ON intents (agent, first_seen)",
-    ]
-    if dialect == "sqlite":
-        bucket = "CAST(NEW.started_at / 900 AS INTEGER) * 900"
-        as_int = "({})"
-        least, greatest = "min", "max"
-    else:
-        bucket = "CAST(floor(NEW.started_at / 900) AS BIGINT) * 900"
-        as_int = "CAST(({}) AS INTEGER)"
-        least, greatest = "LEAST", "GREATEST"
-    unpriced = as_int.format("NEW.cost_pico IS NULL AND NEW.llm_calls > 0")
-    rollup_values = ", ".join(
-        [
-            bucket,
-            "NEW.agent",
-            "COALESCE(NEW.model_requested, NEW.model_served, '')",
-            "COALESCE(NEW.upstream, '')",
-            "1",
-            "NEW.llm_calls",
-            "NEW.refused",
-            as_int.format("NEW.status >= 400"),
-            "NEW.input_tokens",
-            "NEW.cached_input_tokens",
-            "NEW.output_tokens",
-            "NEW.reasoning_tokens",
-            "NEW.cache_write_tokens",
-            "COALESCE(NEW.cost_pico, 0)",
-            unpriced,
-        ]
-    )
-    rollup_update = ", ".join(f"{c} = rollup_15m.{c} + excluded.{c}" for c in _SUMS)
-    intent_sums = (
-        "requests",
-        "llm_calls",
-        "input_tokens",
-        "output_tokens",
-        "cost_pico",
-        "unpriced",
-    )
-    intent_update = ", ".join(f"{c} = intents.{c} + excluded.{c}" for c in intent_sums)
-    body = f"""
-    INSERT INTO rollup_15m (bucket, agent, model, upstream, {", ".join(_SUMS)})
-    VALUES ({rollup_values})
-    ON CONFLICT (bucket, agent, model, upstream) DO UPDATE SET {rollup_update};
-    INSERT INTO intents (intent, agent, first_seen, last_seen, {", ".join(intent_sums)})
-    SELECT NEW.intent, NEW.agent, NEW.started_at, NEW.started_at, 1, NEW.llm_calls,
-           NEW.input_tokens, NEW.output_tokens, COALESCE(NEW.cost_pico, 0), {unpriced}
-    WHERE NEW.intent IS NOT NULL AND NEW.refused = 0
-    ON CONFLICT (intent) DO UPDATE SET
-        first_seen = {least}(intents.first_seen, excluded.first_seen),
-        last_seen = {greatest}(intents.last_seen, excluded.last_seen),
-        {intent_update};"""
-    if dialect == "sqlite":
-        return [*tables, f"CREATE TRIGGER calls_rollup AFTER INSERT ON calls BEGIN{body}\nEND"]
-    return [
-        *tables,
-        f"""CREATE FUNCTION meterproxy_calls_rollup() RETURNS trigger AS $$
-BEGIN{body}
-    RETURN NULL;
-END $$ LANGUAGE plpgsql""",
-        """CREATE TRIGGER calls_rollup AFTER INSERT ON calls
-    FOR EACH ROW EXECUTE FUNCTION meterproxy_calls_rollup()""",
     ]
 
 
