@@ -147,3 +147,38 @@ def test_admin_commands_need_a_token(capsys: Any, argv: list[str], monkeypatch: 
     monkeypatch.delenv("METERPROXY_ADMIN_TOKEN", raising=False)
     code, _, err = run(capsys, *argv)
     assert code == 2 and "no admin token" in err
+
+
+async def test_spend_api_and_cli_report_give_the_same_numbers(
+    make_proxy: ProxyFactory, tmp_path: Path, capsys: Any
+) -> None:
+    import aiohttp
+
+    db = tmp_path / "ledger.db"
+    token = "t" * 20
+    proxy = await make_proxy(db_url=f"sqlite:///{db}", admin_token=token)
+    for agent, model in (("a", "gpt-4o"), ("b", "o3"), ("a", "gpt-4o-mini")):
+        c = openai.AsyncOpenAI(
+            base_url=f"{proxy.url}/agents/{agent}/v1", api_key="k", max_retries=0
+        )
+        await c.chat.completions.create(model=model, messages=HI)
+    await proxy.flushed()
+    for query in (
+        "by=agent",
+        "by=model&window=day",
+        "by=upstream&window=hour",
+        "by=intent&window=month",
+    ):
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
+            async with s.get(f"{proxy.url}/meter/spend?{query}") as r:
+                api = await r.json()
+            async with s.get(f"{proxy.url}/meter/spend?{query}&format=csv") as r:
+                api_csv = await r.text()
+        argv = ["report", "--db", str(db)]
+        for part in query.split("&"):
+            k, v = part.split("=")
+            argv += [f"--{k}", v]
+        _, out, _ = await arun(capsys, *argv, "--format", "json")
+        assert json.loads(out) == api
+        _, out, _ = await arun(capsys, *argv, "--format", "csv")
+        assert out == api_csv
