@@ -44,6 +44,21 @@ OPTIONS = web.AppKey("meterproxy.options", Options)
 RELOADER = web.AppKey("meterproxy.reloader", Reloader)
 
 
+def runner_options(config: Config) -> dict[str, object]:
+    """How the HTTP server around the app must run (the CLI and the tests use the same)."""
+    return {
+        "access_log": None,  # the call log line says more
+        "shutdown_timeout": config.shutdown_grace_seconds,
+        "keepalive_timeout": config.keepalive_timeout,
+        # After refusing a body (413, 408) read what still comes for this long, so the
+        # client gets the answer rather than a reset; then hang up.
+        "lingering_time": 2.0,
+        # A client that leaves cancels its call at once: the upstream request is dropped
+        # and the reservation released now, not when the upstream next sends a byte.
+        "handler_cancellation": True,
+    }
+
+
 def create_app(config: Config, options: Options | None = None) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
     app[OPTIONS] = options or Options()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import urllib.error
@@ -78,65 +79,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
     from aiohttp import web
 
-    from proxy.app import RELOADER, Options, create_app
+    from proxy.app import RELOADER, Options, create_app, runner_options
     from proxy.services import SERVICES
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()  # first SIGTERM/SIGINT: drain, then exit
+    force = asyncio.Event()  # second one: cancel what is left now
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
+
     app = create_app(config, Options(reparse=lambda: _config(args)))
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=config.shutdown_grace_seconds,
-        # A client that leaves cancels its call at once: the upstream request is dropped
-        # and the reservation released now, not when the upstream next sends a byte.
-        handler_cancellation=True,
-    )
+    runner = web.AppRunner(app, handle_signals=False, **runner_options(config))  # type: ignore[arg-type]
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=args.workers > 1 or None)
     await site.start()
-    flusher = asyncio.create_task(handler.flush_periodically())
-    svc = app[SERVICES]
-    log.info(
-        "meterproxy %s listening on http://%s:%d (upstream %s, pricing %s, ledger %s)",
-        __version__,
-        config.host,
-        config.port,
-        config.default_upstream.base_url,
-        svc.prices.version,
-        config.db_url,
-    )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = 0
-
-    def on_stop() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info(
-                "stopping: no new connections; waiting up to %gs for %d calls in flight",
-                config.shutdown_grace_seconds,
-                len(svc.inflight),
-            )
-            stop.set()
-        else:
-            log.warning("second signal: cancelling %d calls in flight", len(svc.inflight))
-            svc.shutting_down = True
-            for task in list(svc.inflight):
-                task.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(
         signal.SIGHUP, lambda: asyncio.ensure_future(app[RELOADER].check(force=True))
     )
+    flusher = asyncio.create_task(handler.flush_periodically())
+    svc = app[SERVICES]
+    host, port = runner.addresses[0][:2]
+    log.info(
+        "meterproxy %s listening on http://%s:%d (upstream %s, pricing %s, ledger %s)",
+        __version__,
+        host,
+        port,
+        config.default_upstream.base_url,
+        svc.prices.version,
+        redact_url(config.db_url),
+    )
     await stop.wait()
-    await runner.cleanup()
+
+    # Stop accepting; close idle keep-alive connections; let calls in flight finish.
+    await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+    grace = config.shutdown_grace_seconds
+    log.info("stopping: waiting up to %gs for %d calls in flight", grace, len(svc.inflight))
+    deadline = loop.time() + grace
+    while svc.inflight and not force.is_set() and loop.time() < deadline:
+        forced = asyncio.ensure_future(force.wait())
+        await asyncio.wait(
+            [*svc.inflight, forced],
+            timeout=deadline - loop.time(),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        forced.cancel()
+    if svc.inflight:
+        why = "second signal" if force.is_set() else f"grace of {grace:g}s over"
+        log.warning("%s: cancelling %d calls in flight (they are recorded)", why, len(svc.inflight))
+        svc.shutting_down = True
+        pending = list(svc.inflight)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=5)
+    await runner.cleanup()  # the ledger writer flushes here
     flusher.cancel()
-    handler.flush()
     log.info("stopped")
     handler.flush()
     return 0
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for logs."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 # -- check, report, price, pricing import ----------------------------------------------

@@ -86,6 +86,10 @@ class Config:
     port: int = 8787
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
+    # A connection that has not sent a whole request head in this long is closed (slow
+    # loris), as is an idle keep-alive connection.
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 60.0  # a metered request body must arrive within this (408)
     upstreams: tuple[Upstream, ...] = (Upstream("openai", DEFAULT_UPSTREAM, default=True),)
     timeouts: Timeouts = Timeouts()
     pricing_path: Path = field(default_factory=bundled_pricing_path)
@@ -187,7 +191,10 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
     base = Path(path).parent if path else Path.cwd()
 
     server = top.section("server")
-    server.check_unknown(("host", "port", "max_body_bytes", "shutdown_grace_seconds"))
+    server.check_unknown(
+        ("host", "port", "max_body_bytes", "shutdown_grace_seconds", "keepalive_timeout",
+         "body_timeout")
+    )  # fmt: skip
     timeouts = top.section("timeouts")
     timeouts.check_unknown(("connect", "read", "stream_idle"))
     pricing = top.section("pricing")
@@ -270,6 +277,8 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         port=server.integer("port", 8787, min=0, max=65535),
         max_body_bytes=server.integer("max_body_bytes", Config.max_body_bytes, min=1024),
         shutdown_grace_seconds=server.number("shutdown_grace_seconds", 30.0, min=0),
+        keepalive_timeout=server.number("keepalive_timeout", 75.0, min=0.01),
+        body_timeout=server.number("body_timeout", 60.0, min=0.01),
         upstreams=upstreams,
         timeouts=Timeouts(
             connect=timeouts.number("connect", 10.0, min=0.001),

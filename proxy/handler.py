@@ -78,6 +78,7 @@ class Call:
         self.body: dict[str, Any] | None = None
         self.price: ModelPrice | None = None
         self.recorded = False
+        self.prepared = False  # response headers sent: no error response possible any more
         self.forwarded = False  # the request went to the upstream (or was on its way)
         self.t_sent: float | None = None
         self.t_upstream_done: float | None = None
@@ -120,6 +121,18 @@ class Call:
             return await self._run()
         except ProxyFault as fault:
             return await self._answer_fault(fault)
+        except Exception as e:
+            if self.prepared:
+                raise  # bytes went out already: aiohttp can only close the connection
+            log.exception("unexpected error in call %s", self.record.id)
+            return await self._answer_fault(
+                ProxyFault(
+                    500,
+                    "internal_error",
+                    f"meterproxy: internal error ({type(e).__name__}); the call is recorded"
+                    f" as {self.record.id}",
+                )
+            )
         finally:
             if not self.recorded:
                 # Cancelled (shutdown past its grace) or a bug: still one row, still settled.
@@ -184,7 +197,15 @@ class Call:
 
     async def _read_body(self) -> bytes:
         try:
-            return await self.request.read()
+            async with asyncio.timeout(self.svc.config.body_timeout):
+                return await self.request.read()
+        except TimeoutError:
+            raise ProxyFault(
+                408,
+                "request_timeout",
+                f"meterproxy: the request body did not arrive within"
+                f" {self.svc.config.body_timeout:g}s",
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             limit = self.svc.config.max_body_bytes
             raise ProxyFault(
@@ -337,6 +358,7 @@ class Call:
         out = web.StreamResponse(status=response.status, headers=response_headers(response.headers))
         out.headers["x-meter-request-id"] = rec.id
         await out.prepare(self.request)
+        self.prepared = True
         meter = self.meter = StreamMeter(strip_usage)
         cut: str | None = None
         client_gone = False
@@ -399,6 +421,7 @@ class Call:
         rec.status = response.status
         self._price(None)
         await out.prepare(self.request)
+        self.prepared = True
         pending = b""
         try:
             async for chunk in response.content.iter_any():
@@ -521,7 +544,10 @@ class Call:
         elif rec.cost_pico is not None:
             rec.cost_pico = 0
         await self._commit()
-        return fault.response({"x-meter-request-id": rec.id})
+        response = fault.response({"x-meter-request-id": rec.id})
+        if fault.status in (408, 413):
+            response.force_close()  # the rest of the body was never read: drop it with us
+        return response
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.money import usd_exact
 from proxy.records import CallRecord
@@ -103,6 +104,21 @@ class LazyFlushHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.flush()
 
 
+class ClientFaultFilter(logging.Filter):
+    """aiohttp logs a malformed request (header flood, bad bytes) as an ERROR with a
+    traceback; it is the client's fault, not ours: one WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            reason = (exc.message or type(exc).__name__).strip().splitlines()[0]
+            record.msg = f"rejected a malformed request: {reason}"
+            record.args = ()
+            record.exc_info = None
+        return True
+
+
 def setup_logging(
     fmt: str = "text", file: Path | None = None, level: str = "INFO"
 ) -> LazyFlushHandler:
@@ -121,5 +137,6 @@ def setup_logging(
         logger.propagate = False
     logging.getLogger("meterproxy").setLevel(level)
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientFaultFilter())
     logging.getLogger("aiohttp.access").disabled = True  # the call line says more
     return handler

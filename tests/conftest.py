@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.app import Options, create_app
+from proxy.app import Options, create_app, runner_options
 from proxy.config import Config, Upstream
 from proxy.services import SERVICES, Services
 from tests.fake_upstream import FakeUpstream
@@ -83,7 +83,9 @@ async def make_proxy(
         )
         cfg = base.with_overrides(**changes)
         app = create_app(cfg, options)
-        server = await aiohttp_server(app)
+        # aiohttp's test server always sets handler_cancellation itself (to True, as we do).
+        kwargs = {k: v for k, v in runner_options(cfg).items() if k != "handler_cancellation"}
+        server = await aiohttp_server(app, **kwargs)
         return Proxy(server, cfg)
 
     return factory

@@ -55,6 +55,7 @@ class FakeUpstream:
     served: int = 0  # responses completed
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0
+    cancelled: int = 0  # requests whose client (the proxy) went away before the end
 
     def settings(self, request: web.Request) -> dict[str, Any]:
         s = {**DEFAULTS, **self.script}
@@ -68,6 +69,13 @@ class FakeUpstream:
         return app
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled += 1
+            raise
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(
             Seen(request.method, request.path, request.query_string, dict(request.headers), body)
