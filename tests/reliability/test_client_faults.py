@@ -100,6 +100,12 @@ async def test_disconnected_and_cancelled_calls_leave_no_reservation(
     # What had been generated when the client left: "tok0 tok1 " is 5 cl100k tokens.
     assert streamed["usage_source"] == "estimated" and streamed["output_tokens"] == 5
     assert cancelled["status"] == 499 and cancelled["usage_source"] == "estimated"
+    # Both upstream requests were dropped when their clients left, not left to run on.
+    for _ in range(200):
+        if upstream.cancelled == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.cancelled == 2
     upstream.gate.set()
 
 
