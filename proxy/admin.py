@@ -177,6 +177,7 @@ async def resume_agent(request: web.Request, svc: Services) -> web.StreamRespons
 @admin
 async def get_intent(request: web.Request, svc: Services) -> web.StreamResponse:
     intent = request.match_info["intent"]
+    await svc.storage.sync_rollups()
     row = await svc.storage.intent(intent)
     state = svc.enforcer.intents.get(intent)
     if row is None and state is None:

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
 from proxy.budgets import Calendar, validate_policy_json
+from proxy.calllog import CallSink
 from proxy.config import Config
 from proxy.enforcer import Enforcer
 from proxy.errors import ProxyFault
@@ -38,6 +39,7 @@ class Options:
     clock: Callable[[], float] = time.time
     reparse: Callable[[], Config] | None = None  # re-read the config file (hot reload)
     prices: PriceTable | None = None
+    call_sink: CallSink | None = None  # where call lines go, when not through logging
 
 
 OPTIONS = web.AppKey("meterproxy.options", Options)
@@ -102,7 +104,7 @@ def _services_ctx(
             storage,
             thresholds=config.alerts.thresholds,
         )
-        await enforcer.load(storage, clock())
+        await enforcer.load(storage, clock())  # open_storage has synced the rollups
         ledger = LedgerWriter(storage)
         ledger.start()
         await loading
@@ -118,6 +120,8 @@ def _services_ctx(
             session=make_session(),
             keys=KeyRing(config.keys),
         )
+        if options.call_sink is not None:
+            svc.call_sink = options.call_sink
         svc.metrics = Metrics(lambda: svc.enforcer, clock, lambda: _ledger_metrics(svc))
         svc.watch = UpstreamWatch(bus, config.alerts.upstream_failures)
         svc.alerts = AlertSender(config.alerts, lambda: _session(svc))

@@ -68,8 +68,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             " port can spend through it",
             config.host,
         )
+    loop_factory = None
+    if config.event_loop != "asyncio":
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            if config.event_loop == "uvloop":
+                return _fail("server.event_loop is uvloop, but uvloop is not installed")
     try:
-        return asyncio.run(_serve(config, args, handler))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_serve(config, args, handler))
     except (PricingError, StorageError, ConfigError) as e:
         return _fail(str(e))
     except OSError as e:
@@ -88,7 +98,7 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
 
-    app = create_app(config, Options(reparse=lambda: _config(args)))
+    app = create_app(config, Options(reparse=lambda: _config(args), call_sink=handler.call_sink()))
     runner = web.AppRunner(app, handle_signals=False, **runner_options(config))  # type: ignore[arg-type]
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=args.workers > 1 or None)

@@ -89,6 +89,7 @@ class Config:
     # A connection that has not sent a whole request head in this long is closed (slow
     # loris), as is an idle keep-alive connection.
     keepalive_timeout: float = 75.0
+    event_loop: str = "auto"  # auto: uvloop when installed, else asyncio's
     body_timeout: float = 60.0  # a metered request body must arrive within this (408)
     upstreams: tuple[Upstream, ...] = (Upstream("openai", DEFAULT_UPSTREAM, default=True),)
     timeouts: Timeouts = Timeouts()
@@ -193,7 +194,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
     server = top.section("server")
     server.check_unknown(
         ("host", "port", "max_body_bytes", "shutdown_grace_seconds", "keepalive_timeout",
-         "body_timeout")
+         "body_timeout", "event_loop")
     )  # fmt: skip
     timeouts = top.section("timeouts")
     timeouts.check_unknown(("connect", "read", "stream_idle"))
@@ -279,6 +280,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         shutdown_grace_seconds=server.number("shutdown_grace_seconds", 30.0, min=0),
         keepalive_timeout=server.number("keepalive_timeout", 75.0, min=0.01),
         body_timeout=server.number("body_timeout", 60.0, min=0.01),
+        event_loop=server.choice("event_loop", ("auto", "uvloop", "asyncio"), "auto"),
         upstreams=upstreams,
         timeouts=Timeouts(
             connect=timeouts.number("connect", 10.0, min=0.001),

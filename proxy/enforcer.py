@@ -89,6 +89,15 @@ class IntentState:
     reserved: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What applies to one agent under the policies in force, worked out once."""
+
+    applicable: tuple[tuple[str, str, Policy], ...]
+    needs_estimate: bool
+    loop_policy: Policy | None
+
+
 @dataclass(slots=True)
 class Ticket:
     """An admitted call's reservation; settled exactly once."""
@@ -134,6 +143,7 @@ class Enforcer:
         thresholds: tuple[float, ...] = (0.5, 0.8, 1.0),
     ) -> None:
         self.calendar = calendar
+        self._plans: dict[str, _Plan] = {}
         self.policies = policies
         self.bus = bus
         self.storage = storage
@@ -193,27 +203,48 @@ class Enforcer:
 
     # -- what applies to an agent -----------------------------------------------------
 
-    def _policies(self, agent: str) -> Iterator[tuple[str, str, Policy]]:
-        policy, _ = self.policies.for_agent(agent)
-        if policy is not None:
-            yield "agent", agent, policy
-        if self.policies.global_policy is not None:
-            yield "global", "global", self.policies.global_policy
+    @property
+    def policies(self) -> PolicySet:
+        return self._policy_set
+
+    @policies.setter
+    def policies(self, policies: PolicySet) -> None:
+        self._policy_set = policies
+        self._plans = {}  # what applies to each agent is worked out again, once
+
+    def _plan(self, agent: str) -> _Plan:
+        plan = self._plans.get(agent)
+        if plan is None:
+            applicable = []
+            policy, _ = self._policy_set.for_agent(agent)
+            if policy is not None:
+                applicable.append(("agent", agent, policy))
+            g = self._policy_set.global_policy
+            if g is not None:
+                applicable.append(("global", "global", g))
+            loop = None
+            if policy is not None and policy.loop_guard is not None:
+                loop = policy
+            elif g is not None and g.loop_guard is not None:
+                loop = g
+            plan = _Plan(tuple(applicable), any(p.has_cost_limit for _, _, p in applicable), loop)
+            if len(self._plans) < 100_000:
+                self._plans[agent] = plan
+        return plan
+
+    def _policies(self, agent: str) -> tuple[tuple[str, str, Policy], ...]:
+        return self._plan(agent).applicable
 
     def needs_estimate(self, agent: str) -> bool:
         """Whether admission needs the call's worst-case cost (a cost limit applies)."""
-        return any(p.has_cost_limit for _, _, p in self._policies(agent))
+        return self._plan(agent).needs_estimate
 
     def _loop_policy(self, agent: str) -> Policy | None:
         """The policy whose loop guard applies: the agent's own, else the global one."""
-        policy, _ = self.policies.for_agent(agent)
-        if policy is not None and policy.loop_guard is not None:
-            return policy
-        g = self.policies.global_policy
-        return g if g is not None and g.loop_guard is not None else None
+        return self._plan(agent).loop_policy
 
     def loop_guard(self, agent: str) -> LoopGuard | None:
-        policy = self._loop_policy(agent)
+        policy = self._plan(agent).loop_policy
         return policy.loop_guard if policy is not None else None
 
     # -- admission --------------------------------------------------------------------

@@ -51,8 +51,9 @@ class LedgerWriter:
         return future
 
     async def commit(self, record: CallRecord) -> None:
-        """Submit and wait for the commit. Cancelling the caller does not drop the row."""
-        await asyncio.shield(self.submit(record))
+        """Submit and wait for the commit. Cancelling the caller does not drop the row: the
+        writer holds the record itself and commits it whether anyone still waits or not."""
+        await self.submit(record)
 
     async def _run(self) -> None:
         delay = 0.05

@@ -17,15 +17,18 @@ from typing import Any, TextIO
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.money import usd_exact
+from proxy.calllog import CallSink, call_fields, call_line
 from proxy.records import CallRecord
+
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
 
 def _iso(created: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        + f".{int(created % 1 * 1000):03d}Z"
-    )
+    whole = int(created)
+    if _second[0] != whole:  # strftime once a second, not once a line
+        _second[0] = whole
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
 
 
 class TextFormatter(logging.Formatter):
@@ -45,29 +48,7 @@ class JsonFormatter(logging.Formatter):
         }
         call: CallRecord | None = getattr(record, "call", None)
         if call is not None:
-            spent = getattr(record, "spent_today", None)
-            out |= {
-                "event": "call",
-                "request_id": call.id,
-                "agent": call.agent,
-                "intent": call.intent,
-                "upstream": call.upstream,
-                "endpoint": call.endpoint,
-                "model": call.model_requested,
-                "model_served": call.model_served,
-                "status": call.status,
-                "stream": call.stream,
-                "input_tokens": call.input_tokens,
-                "cached_input_tokens": call.cached_input_tokens,
-                "output_tokens": call.output_tokens,
-                "reasoning_tokens": call.reasoning_tokens,
-                "usage_source": call.usage_source,
-                "cost_usd": usd_exact(call.cost_pico) if call.cost_pico is not None else None,
-                "agent_spent_today_usd": usd_exact(spent) if spent is not None else None,
-                "latency_ms": call.latency_ms,
-                "ttfb_ms": call.ttfb_ms,
-                "error": call.error,
-            }
+            out |= call_fields(call, getattr(record, "spent_today", None))
         else:
             out["message"] = record.getMessage()
         if record.exc_info:
@@ -96,6 +77,26 @@ class LazyFlushHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         self._dirty = False
         super().flush()
+
+    def call_sink(self) -> CallSink | None:
+        """Call lines written straight to the stream, same text as through logging."""
+        calls = logging.getLogger("meterproxy.calls")
+        if not calls.isEnabledFor(logging.INFO):
+            return lambda record, spent: None
+        json_lines = isinstance(self.formatter, JsonFormatter)
+        stream = self.stream
+
+        def sink(record: CallRecord, spent_today: int | None) -> None:
+            now = time.time()
+            if json_lines:
+                fields = {"ts": _iso(now), "level": "INFO", "logger": "meterproxy.calls"}
+                fields |= call_fields(record, spent_today)
+                stream.write(orjson.dumps(fields).decode() + "\n")
+            else:
+                stream.write(f"{_iso(now)} INFO    {call_line(record, spent_today)}\n")
+            self._dirty = True
+
+        return sink
 
     async def flush_periodically(self, interval: float = 0.2) -> None:
         while True:

@@ -9,6 +9,7 @@ read from the enforcer at scrape time, not kept up to date per call.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -112,19 +113,39 @@ class Metrics:
         r.register(_State(enforcer, now, extra))
         self._agent = _Capped()
         self._model = _Capped()
+        # Labelled children, looked up once: labels() costs a lock and a tuple per call.
+        self._by_key: dict[tuple[str, str], tuple[Any, tuple[Any, ...]]] = {}
+        self._requests: dict[tuple[str, str, int], Any] = {}
+
+    def _children(self, agent: str, model: str) -> tuple[Any, tuple[Any, ...]]:
+        """The labelled cost and token counters of one agent and model, looked up once."""
+        key = (agent, model)
+        found = self._by_key.get(key)
+        if found is None:
+            found = (
+                self.cost.labels(agent, model),
+                tuple(self.tokens.labels(agent, model, kind) for kind in TOKEN_KINDS),
+            )
+            self._by_key[key] = found
+        return found
 
     def observe(self, record: CallRecord, upstream_seconds: float | None) -> None:
         agent = self._agent(record.agent)
         model = self._model(record.model_priced or record.model_requested or "-")
-        self.requests.labels(agent, model, str(record.status)).inc()
+        key = (agent, model, record.status)
+        requests = self._requests.get(key)
+        if requests is None:
+            requests = self._requests[key] = self.requests.labels(agent, model, str(record.status))
+        requests.inc()
         if record.refused:
             limit = (record.error or "").split(":", 1)[0] or "unknown"
             self.refusals.labels(agent, limit).inc()
             return
+        cost, tokens = self._children(agent, model)
         if record.cost_pico:
-            self.cost.labels(agent, model).inc(record.cost_pico / PICO)
-        for kind, value in zip(
-            TOKEN_KINDS,
+            cost.inc(record.cost_pico / PICO)
+        for counter, value in zip(
+            tokens,
             (
                 record.input_tokens,
                 record.cached_input_tokens,
@@ -135,7 +156,7 @@ class Metrics:
             strict=True,
         ):
             if value:
-                self.tokens.labels(agent, model, kind).inc(value)
+                counter.inc(value)
         if upstream_seconds is not None:
             self.upstream.observe(upstream_seconds)
             self.overhead.observe(max(record.latency_ms / 1000 - upstream_seconds, 0.0))

@@ -40,14 +40,22 @@ def pico_to_usd(pico: int) -> Decimal:
 
 
 def usd_exact(pico: int) -> str:
-    """The exact amount as a plain decimal string, no exponent, no trailing zeros."""
-    d = pico_to_usd(pico)
-    s = format(d, "f")
-    if "." in s:
-        s = s.rstrip("0").rstrip(".")
-    return s or "0"
+    """The exact amount as a plain decimal string, no exponent, no trailing zeros.
+
+    Integer arithmetic, not Decimal: this runs for every response's x-meter-cost-usd."""
+    sign = "-" if pico < 0 else ""
+    whole, frac = divmod(abs(pico), PICO_PER_USD)
+    if not frac:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:012d}".rstrip("0")
 
 
 def usd_fixed(pico: int, places: int = 6) -> str:
-    q = Decimal(1).scaleb(-places)
-    return format(pico_to_usd(pico).quantize(q, rounding=ROUND_HALF_EVEN), "f")
+    """Rounded half-even to `places` decimals, for display (log lines, tables)."""
+    step = 10 ** (12 - places)
+    units, rest = divmod(abs(pico), step)
+    if rest * 2 > step or (rest * 2 == step and units % 2):
+        units += 1
+    whole, frac = divmod(units, 10**places)
+    sign = "-" if pico < 0 and units else ""
+    return f"{sign}{whole}.{frac:0{places}d}" if places else f"{sign}{whole}"

@@ -208,6 +208,7 @@ async def spend_report(
     if since is not None and until is not None and until <= since:
         raise ReportError("until", "until must be later than since")
     source = "calls" if by == "intent" else "rollups"
+    await storage.sync_rollups()
     span = await storage.time_span(source)
     rows: dict[tuple[str, float | None], ReportRow] = {}
     if span is not None:

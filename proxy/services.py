@@ -12,7 +12,7 @@ from aiohttp import ClientSession, web
 
 from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
-from proxy.calllog import log_call
+from proxy.calllog import CallSink, log_call
 from proxy.config import Config
 from proxy.enforcer import Enforcer
 from proxy.events import EventBus
@@ -54,12 +54,13 @@ class Services:
     metrics: Metrics | None = None
     alerts: AlertSender | None = None
     watch: UpstreamWatch | None = None
+    call_sink: CallSink = log_call  # `serve` swaps in a direct writer (see calllog)
 
     def after_call(
         self, record: CallRecord, upstream_seconds: float | None = None, forwarded: bool = False
     ) -> None:
         """Once per ledger row: the log line, the metrics, the upstream's health."""
-        log_call(record, self.enforcer.spent(record.agent, "day", record.started_at))
+        self.call_sink(record, self.enforcer.spent(record.agent, "day", record.started_at))
         if self.metrics is not None:
             self.metrics.observe(record, upstream_seconds)
         if self.watch is not None:

@@ -30,6 +30,8 @@ _PER_REQUEST = 3  # the primed assistant reply
 _PER_IMAGE = 1105  # a high-detail image tile set at its largest: an upper bound
 # Above this many characters a prompt is counted in a worker thread, off the event loop.
 THREAD_THRESHOLD_CHARS = 16_384
+CACHE_TEXT_CHARS = 65_536  # texts up to this long have their counts remembered...
+CACHE_CHARS = 8_000_000  # ...up to this many characters in all (a few tens of MB at most)
 
 
 def _cached_file(url: str) -> str | None:
@@ -49,6 +51,11 @@ class TokenCounter:
         self._lock = threading.Lock()
         self._by_name: dict[str, tiktoken.Encoding] = {}
         self._by_model: dict[str, tiktoken.Encoding] = {}
+        # Counts of texts seen before, per encoding. Agents resend the same system prompt
+        # and the whole conversation so far with every turn: most texts are repeats, and a
+        # dict lookup is far cheaper than BPE.
+        self._counts: dict[str, dict[str, int]] = {}
+        self._cached_chars = 0
 
     def load(self) -> None:
         """Load the bundled encoding (about 0.5 s): call once at startup, from a thread."""
@@ -86,7 +93,22 @@ class TokenCounter:
 
     def count(self, model: str | None, texts: Iterable[str]) -> int:
         enc = self.encoding_for(model)
-        return sum(len(enc.encode_ordinary(t)) for t in texts if t)
+        known = self._counts.get(enc.name)
+        if known is None:
+            known = self._counts.setdefault(enc.name, {})
+        total = 0
+        for text in texts:
+            n = known.get(text)
+            if n is None:
+                n = len(enc.encode_ordinary(text)) if text else 0
+                if len(text) <= CACHE_TEXT_CHARS:
+                    if self._cached_chars + len(text) > CACHE_CHARS:
+                        known.clear()  # simpler than LRU, and rare: a cold start again
+                        self._cached_chars = 0
+                    known[text] = n
+                    self._cached_chars += len(text)
+            total += n
+        return total
 
     def count_prompt(self, model: str | None, body: dict[str, Any]) -> int:
         prompt = PromptText(body)

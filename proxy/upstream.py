@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 from urllib.parse import unquote
 
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
@@ -26,17 +27,30 @@ HOP_BY_HOP = frozenset(
     }
 )
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+_RESPONSE_DROP = frozenset(HOP_BY_HOP | {"content-length", "date", "server"})
 _CREDENTIALS = frozenset({"authorization", "api-key"})
 
 
-def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
-    listed: set[str] = set()
-    for value in headers.getall("Connection", []):
-        listed.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return listed
+def _skip(base: frozenset[str], headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """`base`, plus the headers the Connection header lists (hop-by-hop by declaration)."""
+    if "Connection" not in headers:
+        return base
+    listed = {
+        token.strip().lower()
+        for value in headers.getall("Connection")
+        for token in value.split(",")
+        if token.strip()
+    }
+    return base | listed
 
 
+@lru_cache(maxsize=64)
+def _request_skip(drop: tuple[str, ...], credentials: bool) -> frozenset[str]:
+    skip = _REQUEST_DROP | {d.lower() for d in drop}
+    return skip | _CREDENTIALS if credentials else skip
+
+
+@lru_cache(maxsize=4096)  # agents call a handful of paths: check each once
 def check_tail(tail: str) -> str:
     """The path after /v1/, refused if it could climb out of the upstream's base path."""
     decoded = unquote(unquote(tail))
@@ -65,9 +79,8 @@ def request_headers(
     identity_encoding: bool,
 ) -> CIMultiDict[str]:
     """End-to-end headers on, hop-by-hop off, the upstream's key in when it has one."""
-    skip = _REQUEST_DROP | _connection_listed(incoming) | {d.lower() for d in drop}
-    if replace_credentials or upstream.api_key is not None:
-        skip |= _CREDENTIALS
+    credentials = replace_credentials or upstream.api_key is not None
+    skip = _skip(_request_skip(tuple(drop), credentials), incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in skip:
@@ -81,7 +94,7 @@ def request_headers(
 
 
 def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    skip = _RESPONSE_DROP | _connection_listed(incoming)
+    skip = _skip(_RESPONSE_DROP, incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in skip:
@@ -89,6 +102,7 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+@lru_cache(maxsize=16)
 def client_timeout(timeouts: Timeouts, streaming: bool) -> ClientTimeout:
     return ClientTimeout(
         total=None,

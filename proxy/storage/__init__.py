@@ -24,6 +24,7 @@ async def open_storage(url: str, *, sqlite_synchronous: str = "NORMAL") -> Stora
     await storage.open()
     try:
         await storage.migrate()
+        await storage.start()
     except BaseException:
         await storage.close()
         raise

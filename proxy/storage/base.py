@@ -16,6 +16,7 @@ from typing import Any
 
 from proxy.records import CallRecord
 from proxy.storage.migrations import MIGRATIONS, ROLLUPS
+from proxy.storage.rollups import CALL_SUMS, KEY_EXPRESSIONS
 
 BUCKET_SECONDS = 900
 GROUPS = ("agent", "intent", "model", "upstream")
@@ -82,32 +83,13 @@ class IntentRow:
     unpriced: int
 
 
-_CALL_COLUMNS = CallRecord.columns()
+CALL_COLUMNS = CallRecord.columns()
 INSERT_CALL = (
-    f"INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)}) ON CONFLICT (id) DO NOTHING"
+    f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in CALL_COLUMNS)}) ON CONFLICT (id) DO NOTHING"
 )
 _ROLLUP_KEYS = {"agent": "agent", "model": "model", "upstream": "upstream"}
 assert set(_ROLLUP_KEYS) == {k for keys in ROLLUPS.values() for k in keys}
-_CALL_KEYS = {
-    "agent": "agent",
-    "intent": "COALESCE(intent, '')",
-    "model": "COALESCE(model_requested, model_served, '')",
-    "upstream": "COALESCE(upstream, '')",
-}
-_CALL_SUMS = (
-    "COUNT(*)",
-    "SUM(llm_calls)",
-    "SUM(refused)",
-    "SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END)",
-    "SUM(input_tokens)",
-    "SUM(cached_input_tokens)",
-    "SUM(output_tokens)",
-    "SUM(reasoning_tokens)",
-    "SUM(cache_write_tokens)",
-    "SUM(COALESCE(cost_pico, 0))",
-    "SUM(CASE WHEN cost_pico IS NULL AND llm_calls > 0 THEN 1 ELSE 0 END)",
-)
 
 
 @cache
@@ -180,24 +162,38 @@ class Storage(ABC):
     async def recent_calls(self, limit: int, agent: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE agent = ?", [agent]) if agent else ("", [])
         rows = await self.fetch(
-            f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls {where} "
-            "ORDER BY started_at DESC LIMIT ?",
+            f"SELECT {', '.join(CALL_COLUMNS)} FROM calls {where} ORDER BY started_at DESC LIMIT ?",
             [*params, limit],
         )
-        return [dict(zip(_CALL_COLUMNS, row, strict=True)) for row in rows]
+        return [dict(zip(CALL_COLUMNS, row, strict=True)) for row in rows]
 
     async def call(self, call_id: str) -> dict[str, Any] | None:
         rows = await self.fetch(
-            f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls WHERE id = ?", [call_id]
+            f"SELECT {', '.join(CALL_COLUMNS)} FROM calls WHERE id = ?", [call_id]
         )
-        return dict(zip(_CALL_COLUMNS, rows[0], strict=True)) if rows else None
+        return dict(zip(CALL_COLUMNS, rows[0], strict=True)) if rows else None
 
     async def count_calls(self) -> int:
         return int((await self.fetch("SELECT COUNT(*) FROM calls"))[0][0])
 
     async def prune_calls(self, before: float) -> int:
-        """Delete call rows older than `before`; rollups and intent totals stay."""
-        return await self.execute("DELETE FROM calls WHERE started_at < ?", [before])
+        """Delete call rows older than `before` (once rolled up); rollups and intent totals
+        stay."""
+        await self.sync_rollups()
+        return await self.execute(
+            "DELETE FROM calls WHERE started_at < ? AND seq <= "
+            "(SELECT seq FROM rollup_progress WHERE name = 'calls')",
+            [before],
+        )
+
+    async def start(self) -> None:
+        """After migrations: background upkeep, if the engine has any."""
+        return None
+
+    async def sync_rollups(self) -> None:
+        """Bring rollups and intent totals up to the last committed call row. Engines that
+        keep them in the rows' own transaction have nothing to do."""
+        return None
 
     # -- aggregates -------------------------------------------------------------------
 
@@ -221,10 +217,10 @@ class Storage(ABC):
         self, since: float, until: float, group: str, agent: str | None, grouping: Grouping | None
     ) -> list[AggRow]:
         """Sums straight from call rows over [since, until) (any alignment, any group)."""
-        key = _CALL_KEYS[group]
+        key = KEY_EXPRESSIONS[group]
         window = self.window_expr("started_at", grouping) if grouping else "NULL"
         return await self._aggregate(
-            f"SELECT {key}, {window}, {', '.join(_CALL_SUMS)} FROM calls "
+            f"SELECT {key}, {window}, {', '.join(CALL_SUMS)} FROM calls "
             "WHERE started_at >= ? AND started_at < ?",
             [since, until],
             key,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 _CALL_COLUMNS = """
-    id TEXT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
     started_at DOUBLE PRECISION NOT NULL,
     ended_at DOUBLE PRECISION NOT NULL,
     agent TEXT NOT NULL,
@@ -41,10 +41,15 @@ _CALL_COLUMNS = """
 
 
 def m001_calls(dialect: str) -> list[str]:
+    # `seq` numbers rows in insertion order: rollups are kept up to a seq (see rollups.py).
+    seq = (
+        "seq INTEGER PRIMARY KEY AUTOINCREMENT"
+        if dialect == "sqlite"
+        else "seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    )
     return [
-        f"CREATE TABLE calls ({_CALL_COLUMNS})",
+        f"CREATE TABLE calls (\n    {seq},{_CALL_COLUMNS})",
         "CREATE INDEX calls_started ON calls (started_at)",
-        "CREATE INDEX calls_agent_started ON calls (agent, started_at)",
         "CREATE INDEX calls_intent ON calls (intent, started_at) WHERE intent IS NOT NULL",
     ]
 
@@ -75,8 +80,8 @@ ROLLUPS = {
 
 
 def m002_rollups(dialect: str) -> list[str]:
-    """15-minute rollups and per-intent lifetime totals, kept by the ledger writer in the
-    same transaction as the call rows (see `proxy.storage.rollups`).
+    """15-minute rollups and per-intent lifetime totals of the call rows (see
+    `proxy.storage.rollups` for who keeps them up to date, and when).
 
     15 minutes divides every time zone's offset, so reports and budget windows in any zone
     are exact unions of buckets.
@@ -104,6 +109,9 @@ def m002_rollups(dialect: str) -> list[str]:
     unpriced BIGINT NOT NULL
 )""",
         "CREATE INDEX intents_agent_first ON intents (agent, first_seen)",
+        # How far (by calls.seq) the rollups and intent totals have counted the call rows.
+        "CREATE TABLE rollup_progress (name TEXT PRIMARY KEY, seq BIGINT NOT NULL)",
+        "INSERT INTO rollup_progress (name, seq) VALUES ('calls', 0)",
     ]
 
 

@@ -1,34 +1,51 @@
-"""SQLite: WAL, one writer thread, one aiosqlite reader connection.
+"""SQLite: WAL, one writer thread, one aiosqlite reader, one maintenance thread.
 
 The writer is a thread of our own holding one sqlite3 connection (as datasette does): a
-batch of call rows, its rollups and its commit run there as one function, one hop off the
-event loop. aiosqlite offers no public way to run several statements and a commit in one
-hop of its thread, and each hop is latency on every call's response.
+batch of call rows and its commit run there as one job, one hop off the event loop.
+aiosqlite offers no public way to run several statements and a commit in one hop of its
+thread, and every hop is latency on a response that waits for its row's commit.
+
+Only the call rows are written on that path. Rollups and intent totals are brought up to
+date from the rows (by `calls.seq`) once a second by the maintenance thread, which also
+runs the WAL checkpoints (their fsync would otherwise stall the commits behind them).
+Reports and the budget rebuild call `sync_rollups()` first, so they never see a lag.
 
 Durability: with `synchronous=NORMAL` in WAL mode a commit is in the WAL file (the OS page
 cache) when it returns, so it survives the process being killed; `synchronous=FULL` also
-fsyncs the WAL on each commit, for power loss. Reports read from a second connection so
-that a long query never delays the writer.
+fsyncs the WAL on each commit, for power loss. Reports read from a connection of their own,
+so a long query never delays the writer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import aiosqlite
 
 from proxy.records import CallRecord
 from proxy.storage.base import INSERT_CALL, Storage, StorageError
-from proxy.storage.rollups import intent_rows, rollup_rows, upsert_sql
+from proxy.storage.rollups import rollup_statements
 
 T = TypeVar("T")
-_UPSERTS = upsert_sql("sqlite")
+log = logging.getLogger("meterproxy.storage")
+ROLLUP_SECONDS = 0.25  # small, frequent rollups: each delays the commits behind it a little
+CHECKPOINT_EVERY = 4  # rollup ticks per WAL checkpoint
+_MARK = "SELECT seq FROM rollup_progress WHERE name = 'calls'"
+_ROLLUP = rollup_statements("sqlite", "seq > ? AND seq <= ?")
+# (work, the loop and future to answer on, or None for upkeep nobody waits for)
+_Job = tuple[
+    Callable[[sqlite3.Connection], Any],
+    asyncio.AbstractEventLoop | None,
+    asyncio.Future[Any] | None,
+]
 
 
 def sqlite_path(url: str) -> str:
@@ -39,6 +56,22 @@ def sqlite_path(url: str) -> str:
     return url
 
 
+def _connect(path: str, busy_ms: int) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    return conn
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 class SqliteStorage(Storage):
     dialect = "sqlite"
     shared = False
@@ -47,62 +80,43 @@ class SqliteStorage(Storage):
         super().__init__(url)
         self.path = sqlite_path(url)
         self.synchronous = synchronous.upper()
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None  # used only on the writer thread
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._maintenance: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._rollup_lock = threading.Lock()
 
-    async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                conn.close()
+                return
+            work, loop, future = job
+            try:
+                result = work(conn)
+            except BaseException as e:  # handed to whoever waits for this job
+                if loop is None:
+                    log.warning("storage upkeep: %s (retrying)", e)
+                elif future is not None and not loop.is_closed():
+                    loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                if loop is not None and future is not None and not loop.is_closed():
+                    loop.call_soon_threadsafe(_set_result, future, result)
+
+    async def _on_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
             raise StorageError(f"{self.path}: the database is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((work, loop, future))
+        return await future
 
-    # -- opening and closing ------------------------------------------------------------
-
-    def _open_writer(self) -> None:
-        if self.path != ":memory:":
-            parent = os.path.dirname(os.path.abspath(self.path))
-            if not os.path.isdir(parent):
-                raise StorageError(f"{self.path}: directory {parent} does not exist")
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if self.path != ":memory:" and (mode is None or str(mode[0]).lower() != "wal"):
-            conn.close()
-            raise StorageError(f"{self.path}: cannot switch the database to WAL mode")
-        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        self._conn = conn
-
-    async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="meterproxy-sqlite-writer")
-        try:
-            await self._on_writer(self._open_writer)
-            self._reader = await aiosqlite.connect(self.path, timeout=30)
-            await self._reader.execute("PRAGMA busy_timeout = 30000")
-        except (sqlite3.Error, OSError) as e:
-            await self.close()
-            raise StorageError(f"{self.path}: cannot open the database: {e}") from None
-        except StorageError:
-            await self.close()
-            raise
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            with contextlib.suppress(sqlite3.Error):
-                await self._reader.close()
-            self._reader = None
-        if self._executor is not None:
-            if self._conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._on_writer(self._conn.close)
-                self._conn = None
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    # -- writes: all on the writer thread ------------------------------------------------
-
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        assert conn is not None
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = work(conn)
@@ -112,46 +126,143 @@ class SqliteStorage(Storage):
             raise
         return result
 
+    # -- opening and closing ---------------------------------------------------------------
+
+    def _open_writer(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(parent):
+                raise StorageError(f"{self.path}: directory {parent} does not exist")
+        conn = _connect(self.path, 30_000)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if self.path != ":memory:" and (mode is None or str(mode[0]).lower() != "wal"):
+            conn.close()
+            raise StorageError(f"{self.path}: cannot switch the database to WAL mode")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        # Checkpoints copy the WAL into the database and fsync it: tens of milliseconds.
+        # Run by the writer they would stall every call waiting for its commit.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        return conn
+
+    async def open(self) -> None:
+        try:
+            conn = await asyncio.to_thread(self._open_writer)
+            self._writer = threading.Thread(
+                target=self._write_loop, args=(conn,), name="meterproxy-sqlite-writer", daemon=True
+            )
+            self._writer.start()
+            self._reader = await aiosqlite.connect(self.path, timeout=30)
+            await self._reader.execute("PRAGMA busy_timeout = 30000")
+        except (sqlite3.Error, OSError) as e:
+            await self.close()
+            raise StorageError(f"{self.path}: cannot open the database: {e}") from None
+        except StorageError:
+            await self.close()
+            raise
+
+    async def start(self) -> None:
+        await self.sync_rollups()
+        if self.path != ":memory:":
+            self._stop.clear()
+            self._maintenance = threading.Thread(
+                target=self._maintenance_loop, name="meterproxy-sqlite-upkeep", daemon=True
+            )
+            self._maintenance.start()
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._stop.set()
+            await asyncio.to_thread(self._maintenance.join)
+            self._maintenance = None
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error, StorageError):
+                await self.sync_rollups()
+                await self._on_writer(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+            self._jobs.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._reader is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._reader.close()
+            self._reader = None
+
+    # -- writes ----------------------------------------------------------------------------
+
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return await self._on_writer(
-            self._transaction, lambda conn: conn.execute(sql, params).rowcount
+            lambda conn: self._transaction(conn, lambda c: c.execute(sql, params).rowcount)
         )
 
     async def insert_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        await self._on_writer(self._transaction, lambda conn: conn.executemany(sql, rows))
+        await self._on_writer(
+            lambda conn: self._transaction(conn, lambda c: c.executemany(sql, rows))
+        )
 
     async def run_script(self, statements: Sequence[str]) -> None:
         def work(conn: sqlite3.Connection) -> None:
             for statement in statements:
                 conn.execute(statement)
 
-        await self._on_writer(self._transaction, work)
+        await self._on_writer(lambda conn: self._transaction(conn, work))
 
     async def write_calls(self, records: Sequence[CallRecord]) -> None:
-        await self._on_writer(self._transaction, lambda conn: _write_calls(conn, records))
+        rows = [r.as_row() for r in records]  # built here: the writer thread holds the GIL less
+        await self._on_writer(
+            lambda conn: self._transaction(conn, lambda c: c.executemany(INSERT_CALL, rows))
+        )
 
-    # -- reads ----------------------------------------------------------------------------
+    # -- upkeep: rollups and checkpoints, off the write path -----------------------------
+
+    def _maintenance_loop(self) -> None:
+        """Rollups go to the writer thread, between two commits: as a second writer they
+        would make the commits wait on SQLite's busy handler, which sleeps in steps of
+        milliseconds. Checkpoints stay here: PASSIVE ones take no write lock."""
+        conn = _connect(self.path, 2_000)
+        ticks = 0
+        try:
+            while not self._stop.wait(ROLLUP_SECONDS):
+                self._jobs.put((self._roll_up, None, None))
+                ticks += 1
+                if ticks % CHECKPOINT_EVERY == 0:
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as e:
+                        log.warning("storage upkeep: checkpoint: %s", e)
+        finally:
+            conn.close()
+
+    def _roll_up(self, conn: sqlite3.Connection) -> int:
+        """Count call rows past the progress mark into the rollups and intent totals. The
+        database does the aggregation (no Python per row: nothing holds the GIL for long),
+        and the mark moves in the same transaction, so each row is counted exactly once,
+        even with another process doing the same (the report command, say)."""
+        with self._rollup_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                mark = conn.execute(_MARK).fetchone()[0]
+                top = conn.execute("SELECT MAX(seq) FROM calls").fetchone()[0]
+                if top is None or top <= mark:
+                    conn.execute("COMMIT")
+                    return 0
+                for statement in _ROLLUP:
+                    conn.execute(statement, (mark, top))
+                conn.execute("UPDATE rollup_progress SET seq = ? WHERE name = 'calls'", (top,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return int(top - mark)
+
+    async def sync_rollups(self) -> None:
+        if self._writer is None:
+            raise StorageError(f"{self.path}: the database is not open")
+        # On the writer thread: every row submitted before this call is counted.
+        await self._on_writer(self._roll_up)
+
+    # -- reads ------------------------------------------------------------------------------
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         if self._reader is None:
             raise StorageError(f"{self.path}: the database is not open")
         async with self._reader.execute(sql, params) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
-
-
-def _write_calls(conn: sqlite3.Connection, records: Sequence[CallRecord]) -> None:
-    """Rows, then rollups of the rows really inserted (a replayed id is skipped)."""
-    ids = [r.id for r in records]
-    placeholders = ", ".join("?" for _ in ids)
-    existing = {
-        row[0] for row in conn.execute(f"SELECT id FROM calls WHERE id IN ({placeholders})", ids)
-    }
-    new = [r for r in records if r.id not in existing] if existing else list(records)
-    if not new:
-        return
-    conn.executemany(INSERT_CALL, [r.as_row() for r in new])
-    for table, rows in rollup_rows(new).items():
-        conn.executemany(_UPSERTS[table], rows)
-    intents = intent_rows(new)
-    if intents:
-        conn.executemany(_UPSERTS["intents"], intents)

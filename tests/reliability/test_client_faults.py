@@ -175,7 +175,7 @@ async def test_a_body_that_never_finishes_is_408(make_proxy: ProxyFactory, fake:
 
 async def test_sdk_timeout_mid_stream_is_a_disconnect(make_proxy: ProxyFactory, fake: Any) -> None:
     upstream, _ = fake
-    upstream.script.update(chunk_delay=0.2, chunks=20)
+    upstream.script.update(chunk_delay=1.0, chunks=5)  # silent longer than the 0.5 s timeout
     proxy = await budget_proxy(make_proxy, {"defaults": {"max_cost_per_day_usd": 10}})
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0, timeout=0.5)
     with pytest.raises(openai.APITimeoutError):

@@ -69,13 +69,18 @@ EVENTS = st.one_of(
 )
 
 
-@given(st.lists(EVENTS, max_size=12), st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\r"]),
-       st.lists(st.integers(1, 64), min_size=1, max_size=30))  # fmt: skip
-@settings(max_examples=300, deadline=None)
+SEPARATORS = st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\r\n"])
+
+
+@given(
+    st.lists(st.tuples(EVENTS, SEPARATORS), max_size=12),
+    st.lists(st.integers(1, 64), min_size=1, max_size=30),
+)
+@settings(max_examples=400, deadline=None)
 def test_stream_meter_passes_streams_through_faithfully(
-    events: list[bytes], sep: bytes, cuts: list[int]
+    events: list[tuple[bytes, bytes]], cuts: list[int]
 ) -> None:
-    stream = b"".join(e + sep for e in events)
+    stream = b"".join(e + sep for e, sep in events)
     chunks, i = [], 0
     for n in cuts * (len(stream) // max(sum(cuts), 1) + 1):
         if i >= len(stream):
