@@ -106,7 +106,6 @@ def _services_ctx(
         )
         await enforcer.load(storage, clock())  # open_storage has synced the rollups
         ledger = LedgerWriter(storage)
-        ledger.start()
         await loading
         svc = Services(
             config=config,

@@ -6,10 +6,11 @@ to `Storage` and does not know which engine is below.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any
@@ -108,6 +109,7 @@ class Storage(ABC):
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._tasks: set[asyncio.Future[None]] = set()
 
     # -- engine primitives -------------------------------------------------------------
 
@@ -158,6 +160,20 @@ class Storage(ABC):
     async def write_calls(self, records: Sequence[CallRecord]) -> None:
         """Insert call rows and add them to the rollups, in one transaction. A row whose id
         is already stored is skipped, and not counted again."""
+
+    def write_calls_then(
+        self, records: Sequence[CallRecord], done: Callable[[BaseException | None], None]
+    ) -> None:
+        """`write_calls`, then `done(error or None)` on the event loop, without the caller
+        waiting: the ledger writer's path. Engines may do it with fewer loop trips."""
+        task = asyncio.ensure_future(self.write_calls(records))
+
+        def finished(t: asyncio.Future[None]) -> None:
+            done(t.exception() if not t.cancelled() else asyncio.CancelledError())
+
+        task.add_done_callback(finished)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def recent_calls(self, limit: int, agent: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE agent = ?", [agent]) if agent else ("", [])

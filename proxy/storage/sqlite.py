@@ -205,11 +205,42 @@ class SqliteStorage(Storage):
 
         await self._on_writer(lambda conn: self._transaction(conn, work))
 
+    def write_calls_then(
+        self, records: Sequence[CallRecord], done: Callable[[BaseException | None], None]
+    ) -> None:
+        """Straight onto the writer thread; it calls `done` back on the loop."""
+        rows = [r.as_row() for r in records]
+        loop = asyncio.get_running_loop()
+
+        def work(conn: sqlite3.Connection) -> None:
+            try:
+                if len(rows) == 1:
+                    conn.execute(INSERT_CALL, rows[0])
+                else:
+                    self._transaction(conn, lambda c: c.executemany(INSERT_CALL, rows))
+            except BaseException as e:  # handed back to the ledger writer
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(done, e)
+                return
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(done, None)
+
+        if self._writer is None:
+            done(StorageError(f"{self.path}: the database is not open"))
+            return
+        self._jobs.put((work, None, None))
+
     async def write_calls(self, records: Sequence[CallRecord]) -> None:
-        rows = [r.as_row() for r in records]  # built here: the writer thread holds the GIL less
-        await self._on_writer(
-            lambda conn: self._transaction(conn, lambda c: c.executemany(INSERT_CALL, rows))
-        )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                _set_result(future, None)
+            else:
+                _set_exception(future, error)
+
+        self.write_calls_then(records, done)
+        await future
 
     # -- upkeep: rollups and checkpoints, off the write path -----------------------------
 
