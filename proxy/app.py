@@ -27,6 +27,8 @@ from proxy.pricing import PriceTable, load_price_table
 from proxy.reload import Reloader
 from proxy.schema import FieldError
 from proxy.services import SERVICES, Services
+from proxy.shared_enforcer import SharedEnforcer
+from proxy.spool import Spool
 from proxy.storage import open_storage
 from proxy.tokens import TokenCounter
 from proxy.upstream import make_session
@@ -97,15 +99,20 @@ def _services_ctx(
         except FieldError as e:
             await storage.close()
             raise RuntimeError(f"a policy stored in the database is invalid: {e}") from None
-        enforcer = Enforcer(
-            Calendar(config.timezone),
-            config.policies.with_api(api_policies),
-            bus,
-            storage,
-            thresholds=config.alerts.thresholds,
-        )
+        calendar = Calendar(config.timezone)
+        policies = config.policies.with_api(api_policies)
+        thresholds = config.alerts.thresholds
+        enforcer: Enforcer
+        spool = None
+        if storage.shared:  # budgets live in the database, shared with other replicas
+            shared = SharedEnforcer(calendar, policies, bus, storage, thresholds,
+                                    on_error=config.on_storage_error, clock=clock)  # fmt: skip
+            spool = Spool(config.spool_dir, shared.replica)
+            enforcer = shared
+        else:
+            enforcer = Enforcer(calendar, policies, bus, storage, thresholds=thresholds)
         await enforcer.load(storage, clock())  # open_storage has synced the rollups
-        ledger = LedgerWriter(storage)
+        ledger = LedgerWriter(storage, spool=spool)
         await loading
         svc = Services(
             config=config,
@@ -132,6 +139,12 @@ def _services_ctx(
             asyncio.create_task(reloader.run(), name="meterproxy-reload"),
             asyncio.create_task(svc.alerts.run(), name="meterproxy-alerts"),
         ]
+        if isinstance(enforcer, SharedEnforcer):
+            background += [
+                asyncio.create_task(enforcer.refresh_loop(), name="meterproxy-budget-refresh"),
+                asyncio.create_task(enforcer.upkeep_loop(), name="meterproxy-budget-upkeep"),
+                asyncio.create_task(ledger.keep(), name="meterproxy-spool"),
+            ]
         if config.retention_days is not None:
             background.append(
                 asyncio.create_task(_prune(svc, config.retention_days), name="meterproxy-prune")
@@ -143,6 +156,8 @@ def _services_ctx(
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await ledger.close()
+            if spool is not None:
+                await spool.close()
             if svc.session is not None:
                 await svc.session.close()
             await storage.close()

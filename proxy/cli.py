@@ -55,14 +55,22 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    if config.db_url.startswith(("postgresql://", "postgres://")) is False and args.workers > 1:
+    if args.workers < 1:
+        return _fail(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and not config.db_url.startswith(("postgresql://", "postgres://")):
         return _fail(
-            "--workers needs a shared database (storage.url: postgresql://...): with SQLite,"
-            " budgets live in one process and several workers would each hold their own"
+            f"--workers {args.workers} needs PostgreSQL (storage.url or --db postgresql://...):"
+            f" with SQLite ({redact_url(config.db_url)}) budgets live in one process, and"
+            " several workers would each enforce their own"
         )
+    if args.workers > 1 and config.port == 0:
+        return _fail("--workers needs a fixed port (server.port or --port), not 0")
     from proxy.logs import setup_logging
+    from proxy.workers import supervise, worker_number
 
     handler = setup_logging(config.log_format, config.log_file, config.log_level)
+    if args.workers > 1 and worker_number() is None:
+        return supervise(args.workers, args.argv)
     if not _is_loopback(config.host) and not config.keys and config.admin_token is None:
         log.warning(
             "listening on %s without proxy keys or an admin token: anyone who can reach this"
@@ -92,6 +100,7 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
 
     from proxy.app import RELOADER, Options, create_app, runner_options
     from proxy.services import SERVICES
+    from proxy.workers import worker_number
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()  # first SIGTERM/SIGINT: drain, then exit
@@ -115,9 +124,11 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
     gc.set_threshold(20_000, 50, 100)
     svc = app[SERVICES]
     host, port = runner.addresses[0][:2]
+    worker = worker_number()
     log.info(
-        "meterproxy %s listening on http://%s:%d (upstream %s, pricing %s, ledger %s)",
+        "meterproxy %s%s listening on http://%s:%d (upstream %s, pricing %s, ledger %s)",
         __version__,
+        f" worker {worker}/{args.workers} (pid {os.getpid()})" if worker else "",
         host,
         port,
         config.default_upstream.base_url,
@@ -402,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         result: int = args.func(args)
         return result

@@ -100,6 +100,8 @@ class Config:
     sqlite_synchronous: str = "NORMAL"
     retention_days: int | None = None
     on_storage_error: str = "closed"
+    # Ledger rows that could not reach PostgreSQL wait here until it is back.
+    spool_dir: Path = Path("meterproxy-spool")
     agent_header: str = "X-Agent-Id"
     intent_header: str = "X-Intent-Id"
     default_agent: str = "anonymous"
@@ -201,7 +203,9 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
     pricing = top.section("pricing")
     pricing.check_unknown(("file", "unknown_model", "reload_interval_seconds"))
     storage = top.section("storage")
-    storage.check_unknown(("url", "sqlite_synchronous", "retention_days", "on_storage_error"))
+    storage.check_unknown(
+        ("url", "sqlite_synchronous", "retention_days", "on_storage_error", "spool_dir")
+    )
     attribution = top.section("attribution")
     attribution.check_unknown(("agent_header", "intent_header", "default_agent"))
     admin = top.section("admin")
@@ -232,6 +236,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
 
     pricing_file = pricing.string("file", None)
     log_file = logging_.string("file", None)
+    spool_dir = storage.string("spool_dir", None)
     db_url = storage.string("url", Config.db_url, env=True)
     token = admin.string("token", None, env=True)
     if token is not None and len(token) < 16:
@@ -302,6 +307,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         metrics_need_token=admin.boolean("protect_metrics", False),
         log_format=logging_.choice("format", ("text", "json"), "text"),
         log_file=(base / log_file) if log_file else None,
+        spool_dir=(base / spool_dir) if spool_dir else Config.spool_dir,
         log_level=logging_.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         timezone=tz,
         reserve_output_tokens=budgets.integer("reserve_output_tokens", 4096, min=1),

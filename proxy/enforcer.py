@@ -49,6 +49,7 @@ class Counter:
     end: float
     used: int = 0
     reserved: int = 0
+    key: Any = None  # the database counter it mirrors (shared budgets)
 
 
 class Scope:
@@ -108,6 +109,7 @@ class Ticket:
     counters: list[Counter] = field(default_factory=list)
     intent_state: IntentState | None = None
     settled: bool = False
+    lease: str | None = None  # shared budgets: the reservation's id in the database
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,7 @@ class Refusal:
     message: str
     check: Check | None = None
     retry_after: int | None = None
+    status: int = 429  # 503 when the budget database cannot be reached (fail closed)
 
     @property
     def remaining_pico(self) -> int | None:
@@ -124,13 +127,41 @@ class Refusal:
         return max(self.check.remaining, 0)
 
     def headers(self) -> dict[str, str]:
-        headers = {"x-should-retry": "false", "x-meter-limit": self.code}
+        # A budget refusal stands until its window resets: the SDKs must not retry. An
+        # unreachable budget database is transient: they should.
+        retry = "true" if self.status == 503 else "false"
+        headers = {"x-should-retry": retry, "x-meter-limit": self.code}
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
         remaining = self.remaining_pico
         if remaining is not None:
             headers["x-meter-remaining-usd"] = usd_exact(remaining)
         return headers
+
+
+class BudgetState:
+    """Counters, intents, pauses and loop-guard hits: in memory for one process, or built
+    for one admission from counters locked in the database (several replicas)."""
+
+    def __init__(self) -> None:
+        self.global_scope = Scope("global")
+        self.agents: dict[str, Scope] = {}
+        self.intents: OrderedDict[str, IntentState] = OrderedDict()
+        self.paused: dict[str, str | None] = {}
+        self.loops: dict[tuple[str, str, bytes], deque[float]] = {}
+
+    def scope(self, agent: str) -> Scope:
+        scope = self.agents.get(agent)
+        if scope is None:
+            scope = self.agents[agent] = Scope(agent)
+        return scope
+
+    def remember(self, intent: str, state: IntentState) -> None:
+        self.intents[intent] = state
+        if len(self.intents) > _MAX_INTENTS_IN_MEMORY:
+            for key in list(self.intents)[: _MAX_INTENTS_IN_MEMORY // 10]:
+                if self.intents[key].reserved == 0:  # its rows are long committed
+                    del self.intents[key]
 
 
 class Enforcer:
@@ -148,22 +179,35 @@ class Enforcer:
         self.bus = bus
         self.storage = storage
         self.thresholds = tuple(sorted(thresholds))
-        self.global_scope = Scope("global")
-        self.agents: dict[str, Scope] = {}
-        self.intents: OrderedDict[str, IntentState] = OrderedDict()
-        self.paused: dict[str, str | None] = {}
-        self._loops: dict[tuple[str, str, bytes], deque[float]] = {}
+        self.state = BudgetState()
         self._fired: set[tuple[Any, ...]] = set()
         self.outstanding = 0  # tickets not yet settled
         self.outstanding_pico = 0
 
     # -- state ------------------------------------------------------------------------
 
+    @property
+    def global_scope(self) -> Scope:
+        return self.state.global_scope
+
+    @property
+    def agents(self) -> dict[str, Scope]:
+        return self.state.agents
+
+    @property
+    def intents(self) -> OrderedDict[str, IntentState]:
+        return self.state.intents
+
+    @property
+    def paused(self) -> dict[str, str | None]:
+        return self.state.paused
+
+    @paused.setter
+    def paused(self, paused: dict[str, str | None]) -> None:
+        self.state.paused = paused
+
     def scope(self, agent: str) -> Scope:
-        scope = self.agents.get(agent)
-        if scope is None:
-            scope = self.agents[agent] = Scope(agent)
-        return scope
+        return self.state.scope(agent)
 
     async def load(self, storage: Storage, now: float) -> None:
         """Rebuild spend per window and paused agents from the ledger."""
@@ -192,14 +236,7 @@ class Enforcer:
             return
         row = await self.storage.intent(intent)
         if row is not None and intent not in self.intents:
-            self._remember(intent, IntentState(row.agent, row.first_seen, row.cost_pico))
-
-    def _remember(self, intent: str, state: IntentState) -> None:
-        self.intents[intent] = state
-        if len(self.intents) > _MAX_INTENTS_IN_MEMORY:
-            for key in list(self.intents)[: _MAX_INTENTS_IN_MEMORY // 10]:
-                if self.intents[key].reserved == 0:  # its rows are long committed
-                    del self.intents[key]
+            self.state.remember(intent, IntentState(row.agent, row.first_seen, row.cost_pico))
 
     # -- what applies to an agent -----------------------------------------------------
 
@@ -256,36 +293,49 @@ class Enforcer:
         worst_case: int,
         now: float,
         digest: bytes | None = None,
+        call_id: str | None = None,  # the call's ledger id (names a shared reservation)
     ) -> Ticket | Refusal:
         if intent is not None and intent not in self.intents:
             await self._load_intent(intent)
-        result = self._admit_now(agent, intent, worst_case, now, digest)
+        result = self._admit_now(self.state, agent, intent, worst_case, now, digest)
         if isinstance(result, Refusal) and result.check and result.check.action == "pause":
             await self.persist_pause(agent, now)
+        if isinstance(result, Ticket):
+            self.outstanding += 1
+            self.outstanding_pico += worst_case
         return result
 
     def _admit_now(
-        self, agent: str, intent: str | None, worst_case: int, now: float, digest: bytes | None
+        self,
+        st: BudgetState,
+        agent: str,
+        intent: str | None,
+        worst_case: int,
+        now: float,
+        digest: bytes | None,
     ) -> Ticket | Refusal:
-        """Check and reserve: no await in here, so this is one atomic step on the loop."""
-        if agent in self.paused:
-            return self._paused_refusal(agent)
+        """Check and reserve: no await in here, so this is one atomic step on the loop (or
+        inside the database transaction that locked the counters `st` was built from)."""
+        if agent in st.paused:
+            return self._paused_refusal(st, agent)
         cal = self.calendar
-        scope = self.scope(agent)
-        new_intent = intent is not None and intent not in self.intents
-        intent_state = self.intents.get(intent) if intent is not None else None
-        checks = list(self._checks(agent, scope, intent, intent_state, new_intent, worst_case, now))
+        scope = st.scope(agent)
+        new_intent = intent is not None and intent not in st.intents
+        intent_state = st.intents.get(intent) if intent is not None else None
+        checks = list(
+            self._checks(st, agent, scope, intent, intent_state, new_intent, worst_case, now)
+        )
         loop_policy = self._loop_policy(agent)
         if loop_policy is not None and digest is not None:
-            checks.append(self._loop_check(agent, intent, digest, loop_policy, now))
+            checks.append(self._loop_check(st, agent, intent, digest, loop_policy, now))
         breached = breaches(checks)
         if breached:
-            refusal = self._on_breaches(agent, breached, now)
+            refusal = self._on_breaches(st, agent, breached, now)
             if refusal is not None:
                 return refusal
         # Reserve on every window, limited or not: spend is tracked for all agents.
         ticket = Ticket(agent, intent, worst_case)
-        for s in (scope, self.global_scope):
+        for s in (scope, st.global_scope):
             for kind in COST_WINDOWS:
                 counter = s.cost_counter(kind, cal, now)
                 counter.reserved += worst_case
@@ -297,17 +347,16 @@ class Enforcer:
         if intent is not None:
             if intent_state is None:
                 intent_state = IntentState(agent, now)
-                self._remember(intent, intent_state)
+                st.remember(intent, intent_state)
             else:
-                self.intents.move_to_end(intent)
+                st.intents.move_to_end(intent)
             intent_state.reserved += worst_case
             ticket.intent_state = intent_state
-        self.outstanding += 1
-        self.outstanding_pico += worst_case
         return ticket
 
     def _checks(
         self,
+        st: BudgetState,
         agent: str,
         scope: Scope,
         intent: str | None,
@@ -318,7 +367,7 @@ class Enforcer:
     ) -> Iterator[Check]:
         cal = self.calendar
         for kind, subject, policy in self._policies(agent):
-            s = scope if kind == "agent" else self.global_scope
+            s = scope if kind == "agent" else st.global_scope
             action = policy.action
             for limit, window in COST_LIMITS.items():
                 if window in policy.cost:
@@ -350,16 +399,22 @@ class Enforcer:
                 )  # fmt: skip
 
     def _loop_check(
-        self, agent: str, intent: str | None, digest: bytes, policy: Policy, now: float
+        self,
+        st: BudgetState,
+        agent: str,
+        intent: str | None,
+        digest: bytes,
+        policy: Policy,
+        now: float,
     ) -> Check:
         guard = policy.loop_guard
         assert guard is not None
         key = (agent, intent or "", digest)
-        hits = self._loops.get(key)
+        hits = st.loops.get(key)
         if hits is None:
-            if len(self._loops) >= _MAX_LOOP_KEYS:
-                self._prune_loops(now)
-            hits = self._loops[key] = deque()
+            if len(st.loops) >= _MAX_LOOP_KEYS:
+                _prune_loops(st.loops, now)
+            hits = st.loops[key] = deque()
         while hits and hits[0] <= now - guard.window_seconds:
             hits.popleft()
         seen = len(hits)
@@ -369,38 +424,36 @@ class Enforcer:
             seen, 0, 1, policy.action, now + guard.window_seconds,
         )  # fmt: skip
 
-    def _prune_loops(self, now: float) -> None:
-        horizon = 3600.0
-        for key in [k for k, hits in self._loops.items() if not hits or hits[-1] < now - horizon]:
-            del self._loops[key]
-        if len(self._loops) >= _MAX_LOOP_KEYS:  # all recent: drop the oldest tenth
-            for key in list(self._loops)[: _MAX_LOOP_KEYS // 10]:
-                del self._loops[key]
+    def _emit(self, event: events.Event) -> None:
+        """Events go through here: the shared enforcer holds them until its commit."""
+        self.bus.emit(event)
 
-    def _on_breaches(self, agent: str, breached: list[Check], now: float) -> Refusal | None:
+    def _on_breaches(
+        self, st: BudgetState, agent: str, breached: list[Check], now: float
+    ) -> Refusal | None:
         for alert in breached:
             if alert.action == "alert":
                 message = refusal_message(alert, self.calendar, now)
                 log.warning("budget alert (call allowed): %s", message)
-                self.bus.emit(events.Event(events.ALERT, message, now, agent, _check_data(alert)))
+                self._emit(events.Event(events.ALERT, message, now, agent, _check_data(alert)))
         check = decisive(breached)
         if check is None:
             return None
         message = refusal_message(check, self.calendar, now)
         if check.limit == LOOP_CODE:
-            self.bus.emit(events.Event(events.LOOP, message, now, agent, _check_data(check)))
+            self._emit(events.Event(events.LOOP, message, now, agent, _check_data(check)))
         if check.action == "pause":
-            self.paused[agent] = pause_reason(check, self.calendar, now)
+            st.paused[agent] = pause_reason(check, self.calendar, now)
             message += f". Agent '{agent}' is now paused until resumed through the admin API"
-            self.bus.emit(events.Event(events.PAUSED, message, now, agent, _check_data(check)))
-        self.bus.emit(events.Event(events.REFUSED, message, now, agent, _check_data(check)))
+            self._emit(events.Event(events.PAUSED, message, now, agent, _check_data(check)))
+        self._emit(events.Event(events.REFUSED, message, now, agent, _check_data(check)))
         retry = max(math.ceil(check.resets_at - now), 1) if check.resets_at is not None else None
         if check.action == "pause":
             retry = None
         return Refusal(check.limit, message, check, retry)
 
-    def _paused_refusal(self, agent: str) -> Refusal:
-        reason = self.paused.get(agent)
+    def _paused_refusal(self, st: BudgetState, agent: str) -> Refusal:
+        reason = st.paused.get(agent)
         message = f"agent '{agent}' is paused"
         message += f" ({reason})" if reason else ""
         message += "; resume it through the admin API (POST /meter/agents/{agent}/resume)"
@@ -432,23 +485,28 @@ class Enforcer:
         if cost:
             self._crossings(ticket.agent, ticket.intent, now)
 
-    def add_reported(self, agent: str, intent: str | None, cost: int, now: float) -> None:
+    async def add_reported(self, agent: str, intent: str | None, cost: int, now: float) -> None:
         """Spend reported out of band (heartbeat): no reservation, counted at once."""
+        self._add_reported(self.state, agent, intent, cost, now)
+        self._crossings(agent, intent, now)
+
+    def _add_reported(
+        self, st: BudgetState, agent: str, intent: str | None, cost: int, now: float
+    ) -> None:
         cal = self.calendar
-        new_intent = intent is not None and intent not in self.intents
-        for s in (self.scope(agent), self.global_scope):
+        new_intent = intent is not None and intent not in st.intents
+        for s in (st.scope(agent), st.global_scope):
             for kind in COST_WINDOWS:
                 s.cost_counter(kind, cal, now).used += cost
             if new_intent:
                 for kind in _INTENT_WINDOWS:
                     s.intent_counter(kind, cal, now).used += 1
         if intent is not None:
-            state = self.intents.get(intent)
+            state = st.intents.get(intent)
             if state is None:
                 state = IntentState(agent, now)
-                self._remember(intent, state)
+                st.remember(intent, state)
             state.used += cost
-        self._crossings(agent, intent, now)
 
     def _crossings(self, agent: str, intent: str | None, now: float) -> None:
         """Threshold events (once per limit, window and threshold), and pauses on a breach."""
@@ -494,7 +552,8 @@ class Enforcer:
             message = (
                 f"{who} has used {pct}% of {limit}: ${usd_exact(used)} of ${usd_exact(limit_value)}"
             )
-            self.bus.emit(
+            self._fire_threshold(
+                key,
                 events.Event(
                     events.THRESHOLD,
                     message,
@@ -509,28 +568,37 @@ class Enforcer:
                         "limit_usd": usd_exact(limit_value),
                         "window_start": window_start,
                     },
-                )
+                ),
             )
+
+    def _fire_threshold(self, key: tuple[Any, ...], event: events.Event) -> None:
+        """Once per process; the shared enforcer makes it once across replicas."""
+        self._emit(event)
 
     async def standing(self, agent: str, intent: str | None, now: float) -> Refusal | None:
         """Whether the agent may go on spending (heartbeat answer): None when it may.
 
         A cost limit with nothing left refuses; a `pause` limit reached pauses the agent.
         """
-        if agent in self.paused:
-            return self._paused_refusal(agent)
-        state = self.intents.get(intent) if intent is not None else None
+        refusal = self._standing(self.state, agent, intent, now)
+        if refusal is not None and refusal.check and refusal.check.action == "pause":
+            await self.persist_pause(agent, now)
+        return refusal
+
+    def _standing(
+        self, st: BudgetState, agent: str, intent: str | None, now: float
+    ) -> Refusal | None:
+        if agent in st.paused:
+            return self._paused_refusal(st, agent)
+        state = st.intents.get(intent) if intent is not None else None
         over = [
             c
-            for c in self._checks(agent, self.scope(agent), intent, state, False, 0, now)
+            for c in self._checks(st, agent, st.scope(agent), intent, state, False, 0, now)
             if c.money and c.used + c.reserved >= c.limit_value
         ]
         if not over:
             return None
-        refusal = self._on_breaches(agent, over, now)
-        if refusal is not None and refusal.check and refusal.check.action == "pause":
-            await self.persist_pause(agent, now)
-        return refusal
+        return self._on_breaches(st, agent, over, now)
 
     # -- pause and resume -------------------------------------------------------------
 
@@ -633,6 +701,15 @@ def _limit_view(
         view |= {"limit": limit, "max": value, "used": c.used, "remaining": max(remaining, 0)}
     view["resets"] = cal.iso(c.end)
     return view
+
+
+def _prune_loops(loops: dict[tuple[str, str, bytes], deque[float]], now: float) -> None:
+    horizon = 3600.0
+    for key in [k for k, hits in loops.items() if not hits or hits[-1] < now - horizon]:
+        del loops[key]
+    if len(loops) >= _MAX_LOOP_KEYS:  # all recent: drop the oldest tenth
+        for key in list(loops)[: _MAX_LOOP_KEYS // 10]:
+            del loops[key]
 
 
 def _check_data(check: Check) -> dict[str, Any]:

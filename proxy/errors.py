@@ -9,6 +9,8 @@ from aiohttp import web
 
 PROXY_ERROR = "meterproxy_error"  # anything the proxy, not the provider, refused or failed
 BUDGET_ERROR = "budget_exceeded"
+# The budget database cannot be reached and the call cannot be checked (fail closed).
+UNAVAILABLE_ERROR = "meter_unavailable"
 
 
 class ProxyFault(Exception):

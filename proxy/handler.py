@@ -27,7 +27,7 @@ from aiohttp import (
 from proxy.attribution import UNAUTHENTICATED, identify
 from proxy.config import Upstream
 from proxy.enforcer import Refusal, Ticket
-from proxy.errors import BUDGET_ERROR, ProxyFault
+from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
 from proxy.money import usd_exact
 from proxy.pricing import ModelPrice
 from proxy.records import CallRecord
@@ -185,7 +185,9 @@ class Call:
             digest = hashlib.blake2b(
                 raw_body if raw_body is not None else raw_tail.encode(), digest_size=16
             ).digest()
-        admitted = await svc.enforcer.admit(rec.agent, rec.intent, worst, svc.clock(), digest)
+        admitted = await svc.enforcer.admit(
+            rec.agent, rec.intent, worst, svc.clock(), digest, call_id=rec.id
+        )
         if isinstance(admitted, Refusal):
             raise _budget_fault(admitted)
         self.ticket = admitted
@@ -537,7 +539,7 @@ class Call:
         rec = self.record
         rec.status = fault.status
         rec.error = f"{fault.code}: {fault.message}"
-        rec.refused = fault.type == BUDGET_ERROR
+        rec.refused = fault.type in (BUDGET_ERROR, UNAVAILABLE_ERROR)
         if self.ticket is not None and not self.ticket.settled:
             # Nothing reached the provider, or it did and never answered: then estimate.
             self._price(await self._estimate([]) if self.maybe_billed and self.price else None)
@@ -625,6 +627,7 @@ def _upstream_error_text(status: int, data: bytes) -> str:
 
 
 def _budget_fault(refusal: Refusal) -> ProxyFault:
+    type_ = BUDGET_ERROR if refusal.status == 429 else UNAVAILABLE_ERROR
     return ProxyFault(
-        429, refusal.code, refusal.message, type_=BUDGET_ERROR, headers=refusal.headers()
+        refusal.status, refusal.code, refusal.message, type_=type_, headers=refusal.headers()
     )

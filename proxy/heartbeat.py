@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from proxy.attribution import presented_key
-from proxy.errors import BUDGET_ERROR, ProxyFault
+from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
 from proxy.ids import IdError, validate_id
 from proxy.money import usd_exact, usd_to_pico
 from proxy.records import CallRecord
@@ -87,21 +87,22 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
 
     now = svc.clock()
     enforcer = svc.enforcer
-    enforcer.add_reported(agent, intent, m["cost"], now)
-    refusal = await enforcer.standing(agent, intent, now)
+    await enforcer.add_reported(agent, intent, m["cost"], now)
+    # The row first: with shared budgets its commit is what counts the spend, and the
+    # answer must see it.
     record = CallRecord(
         id=svc.new_id(), started_at=now, ended_at=svc.clock(), agent=agent, intent=intent,
         upstream=None, endpoint="heartbeat", method="POST", model_requested=None,
-        model_served=None, model_priced=None, status=429 if refusal else 200, stream=False,
+        model_served=None, model_priced=None, status=200, stream=False,
         input_tokens=m["tokens_in"], cached_input_tokens=0, output_tokens=m["tokens_out"],
         reasoning_tokens=0, cache_write_tokens=0, cost_pico=m["cost"], usage_source=REPORTED,
         service_tier=None, price_version=None,
         latency_ms=round((time.perf_counter() - t0) * 1000, 3), ttfb_ms=None,
-        error=f"{refusal.code}: {refusal.message}" if refusal else None,
-        llm_calls=m["llm_calls"], refused=False, reserved_pico=0,
+        error=None, llm_calls=m["llm_calls"], refused=False, reserved_pico=0,
     )  # fmt: skip
     await svc.ledger.commit(record)
     svc.after_call(record)
+    refusal = await enforcer.standing(agent, intent, now)
     status = enforcer.status(agent, now)
     answer: dict[str, Any] = {
         "allowed": refusal is None,
@@ -114,11 +115,12 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
     }
     headers = {"x-meter-request-id": record.id}
     if refusal is not None:
-        answer["error"] = {"message": refusal.message, "type": BUDGET_ERROR,
+        type_ = BUDGET_ERROR if refusal.status == 429 else UNAVAILABLE_ERROR
+        answer["error"] = {"message": refusal.message, "type": type_,
                            "code": refusal.code, "param": None}  # fmt: skip
         headers |= refusal.headers()
     return web.Response(
-        status=429 if refusal else 200,
+        status=refusal.status if refusal else 200,
         body=orjson.dumps(answer),
         content_type="application/json",
         headers=headers,

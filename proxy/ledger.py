@@ -9,6 +9,11 @@ the durability promise.
 There is no writer task: a batch is handed to the storage engine straight from `submit`
 (or from the end of the previous batch), and the engine calls back when it is committed.
 On a quiet proxy that saves a commit two trips around the event loop.
+
+When the database cannot be reached (PostgreSQL down or restarting), batches go to a local
+spool file instead, fsynced before their calls are answered, and `keep()` replays them
+once the database answers again: nothing is lost, and nothing is counted twice (a row's
+id is its key).
 """
 
 from __future__ import annotations
@@ -17,15 +22,24 @@ import asyncio
 import logging
 
 from proxy.records import CallRecord
+from proxy.spool import Spool
 from proxy.storage import Storage
+from proxy.storage.base import StorageUnavailable
+
+PROBE_SECONDS = 1.0  # while offline: how often the database is tried again
 
 log = logging.getLogger("meterproxy.ledger")
 
 
 class LedgerWriter:
-    def __init__(self, storage: Storage, *, max_batch: int = 2000) -> None:
+    def __init__(
+        self, storage: Storage, *, max_batch: int = 2000, spool: Spool | None = None
+    ) -> None:
         self.storage = storage
         self.max_batch = max_batch
+        self.spool = spool
+        self.offline = False  # the database was unreachable: batches go to the spool
+        self._spooling: set[asyncio.Future[None]] = set()
         self._pending: list[tuple[CallRecord, asyncio.Future[None]]] = []
         self._inflight: list[tuple[CallRecord, asyncio.Future[None]]] | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -62,10 +76,20 @@ class LedgerWriter:
         batch = self._pending[: self.max_batch]
         del self._pending[: len(batch)]
         self._inflight = batch
-        self.storage.write_calls_then([record for record, _ in batch], self._done)
+        if self.offline:
+            self._to_spool(batch)
+        else:
+            self.storage.write_calls_then([record for record, _ in batch], self._done)
 
     def _done(self, error: BaseException | None) -> None:
         batch = self._inflight or []
+        if isinstance(error, StorageUnavailable) and self.spool is not None:
+            if not self.offline:
+                log.error("ledger: %s; rows go to the spool in %s until it is back",
+                          error, self.spool.directory)  # fmt: skip
+                self.offline = True
+            self._to_spool(batch)
+            return
         self._inflight = None
         if error is not None:
             self.failures += 1
@@ -83,10 +107,53 @@ class LedgerWriter:
         self._delay = 0.05
         self.commits += 1
         self.rows += len(batch)
+        self._answer(batch)
+
+    def _answer(self, batch: list[tuple[CallRecord, asyncio.Future[None]]]) -> None:
         for _, future in batch:
             if not future.done():
                 future.set_result(None)
         self._flush()
+
+    def _to_spool(self, batch: list[tuple[CallRecord, asyncio.Future[None]]]) -> None:
+        assert self.spool is not None
+        records = [record for record, _ in batch]
+        task = asyncio.ensure_future(self.spool.append(records))
+        self._spooling.add(task)  # a reference, so the task is not collected mid-write
+        task.add_done_callback(self._spooling.discard)
+        task.add_done_callback(lambda t: self._spooled(batch, t))
+
+    def _spooled(
+        self, batch: list[tuple[CallRecord, asyncio.Future[None]]], task: asyncio.Future[None]
+    ) -> None:
+        self._inflight = None
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        if error is not None:  # the disk failed too: keep them in memory and try again
+            self.failures += 1
+            log.error("ledger: spooling %d rows failed (%s); retrying", len(batch), error)
+            self._pending[:0] = batch
+            self._retry = asyncio.get_running_loop().call_later(self._delay, self._flush)
+            self._delay = min(self._delay * 2, 5.0)
+            return
+        self._answer(batch)
+
+    async def keep(self) -> None:
+        """Background task: while offline, try the database every second; once it answers,
+        send new rows to it again and replay the spool (also what a crash left there)."""
+        assert self.spool is not None
+        while True:
+            try:
+                if self.offline:
+                    await self.storage.ping()
+                    log.warning("ledger: the database is reachable again")
+                    self.offline = False
+                if await self.spool.pending():
+                    await self.spool.replay(self.storage.write_calls)
+            except StorageUnavailable:
+                pass
+            except Exception:
+                log.exception("ledger: replaying the spool failed")
+            await asyncio.sleep(PROBE_SECONDS)
 
     async def close(self, grace: float = 30.0) -> None:
         """Wait for what is pending to be committed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from proxy.usage import Usage
@@ -73,6 +74,14 @@ class CallRecord:
             int(self.refused),
             self.reserved_pico,
         )
+
+    @classmethod
+    def from_row(cls, row: Sequence[object]) -> CallRecord:
+        """The inverse of `as_row` (rows replayed from a spool file)."""
+        record = cls(*row)  # type: ignore[arg-type]
+        record.stream = bool(record.stream)
+        record.refused = bool(record.refused)
+        return record
 
     def set_usage(self, usage: Usage) -> None:
         self.input_tokens = usage.input_tokens

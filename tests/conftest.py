@@ -109,3 +109,38 @@ async def raw_request(proxy: Proxy, data: bytes, wait: float = 10.0) -> tuple[in
     head, _, body = response.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head else 0
     return status, body
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    import os
+
+    from tests.pg import TempPostgres, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("METERPROXY_REQUIRE_POSTGRES"):
+            raise RuntimeError("PostgreSQL binaries not found, and this run requires them")
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    pg = TempPostgres(bindir)
+    pg.init()
+    pg.start()
+    yield pg
+    pg.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """A fresh, empty database on the throwaway cluster."""
+    return str(postgres.create_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: Any, tmp_path: Path) -> str:
+    """Each test using it runs on both engines."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("pg_url"))

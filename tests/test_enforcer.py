@@ -179,10 +179,10 @@ async def test_thresholds_fire_once_per_window() -> None:
 
 async def test_heartbeat_spend_counts() -> None:
     e, _ = make(agents={"a": policy(max_cost_per_day_usd=1)})
-    e.add_reported("a", "i1", 6 * USD // 10, NOON)
+    await e.add_reported("a", "i1", 6 * USD // 10, NOON)
     assert await e.standing("a", "i1", NOON) is None
     r = await admit(e, cost=USD // 2)
     assert isinstance(r, Refusal)
-    e.add_reported("a", "i1", 4 * USD // 10, NOON)
+    await e.add_reported("a", "i1", 4 * USD // 10, NOON)
     standing = await e.standing("a", "i1", NOON)
     assert standing is not None and standing.code == "max_cost_per_day_usd"

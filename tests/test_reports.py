@@ -36,8 +36,9 @@ def call(i: int, started: float, agent: str, cost: int | None, model: str = "gpt
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    s = await open_storage(f"sqlite:///{tmp_path / 'r.db'}")
+async def storage(db_url: str) -> AsyncIterator[Storage]:
+    """On SQLite and on PostgreSQL: the same tests, the same numbers."""
+    s = await open_storage(db_url)
     yield s
     await s.close()
 

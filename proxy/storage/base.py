@@ -27,6 +27,37 @@ class StorageError(Exception):
     """The database cannot be opened or used; `str()` says which and why."""
 
 
+class StorageUnavailable(StorageError):
+    """The database cannot be reached right now (down, restarting, network): the caller
+    falls back (fail closed or open, spool) and the engine reconnects by itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class CounterKey:
+    """One shared budget counter: a scope (`agent:NAME`, `global`, `intent:ID`), what it
+    counts (`cost:day`, `requests:minute`, `intents:hour`, `cost:life`...) and its window."""
+
+    scope: str
+    kind: str
+    start: float
+    end: float
+
+
+@dataclass
+class BudgetView:
+    """What one shared admission sees, with the counters locked; `decide` may change the
+    counters' values and ask for a pause, a lease and a loop-guard hit to be stored."""
+
+    counters: dict[CounterKey, list[int]]  # [used, reserved], changed in place
+    paused: bool
+    paused_reason: str | None
+    new_keys: set[CounterKey]  # counters that did not exist before this admission
+    loop_seen: int  # identical requests already in the loop guard's window
+    pause_reason: str | None = None  # out: pause the agent with this reason
+    lease: tuple[str, int, list[CounterKey]] | None = None  # out: (id, amount, counters)
+    loop_hit: tuple[str, str, str] | None = None  # out: (agent, intent, digest) to record
+
+
 @dataclass(slots=True)
 class Totals:
     requests: int = 0
@@ -106,6 +137,8 @@ class Storage(ABC):
     dialect: str = ""
     # True when budget counters live in the database and are shared by replicas.
     shared: bool = False
+    # True when rollups are counted in each write's own transaction (no progress mark).
+    rollups_inline: bool = False
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -196,6 +229,8 @@ class Storage(ABC):
         """Delete call rows older than `before` (once rolled up); rollups and intent totals
         stay."""
         await self.sync_rollups()
+        if self.rollups_inline:
+            return await self.execute("DELETE FROM calls WHERE started_at < ?", [before])
         return await self.execute(
             "DELETE FROM calls WHERE started_at < ? AND seq <= "
             "(SELECT seq FROM rollup_progress WHERE name = 'calls')",
@@ -204,6 +239,10 @@ class Storage(ABC):
 
     async def start(self) -> None:
         """After migrations: background upkeep, if the engine has any."""
+        return None
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless the database answers."""
         return None
 
     async def sync_rollups(self) -> None:

@@ -131,8 +131,45 @@ def m003_agent_state(dialect: str) -> list[str]:
     ]
 
 
+def m004_shared_budgets(dialect: str) -> list[str]:
+    """Budget state shared by replicas (PostgreSQL): counters per scope, kind and window,
+    reservations leased to a replica (released if it dies), loop-guard hits, and alerts
+    already sent. SQLite keeps this state in memory; the tables exist there unused, so both
+    engines have one schema."""
+    return [
+        """CREATE TABLE budget_counters (
+    scope TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    window_start DOUBLE PRECISION NOT NULL,
+    window_end DOUBLE PRECISION NOT NULL,
+    used BIGINT NOT NULL,
+    reserved BIGINT NOT NULL,
+    PRIMARY KEY (scope, kind, window_start)
+)""",
+        "CREATE INDEX budget_counters_end ON budget_counters (window_end)",
+        """CREATE TABLE reservations (
+    id TEXT PRIMARY KEY,
+    replica TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    amount BIGINT NOT NULL,
+    counters TEXT NOT NULL
+)""",
+        "CREATE INDEX reservations_replica ON reservations (replica)",
+        "CREATE TABLE replicas (id TEXT PRIMARY KEY, last_seen DOUBLE PRECISION NOT NULL)",
+        """CREATE TABLE loop_hits (
+    agent TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL
+)""",
+        "CREATE INDEX loop_hits_key ON loop_hits (agent, intent, digest, at)",
+        "CREATE TABLE alerts_sent (key TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
+    ]
+
+
 MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("001_calls", m001_calls),
     ("002_rollups", m002_rollups),
     ("003_agent_state", m003_agent_state),
+    ("004_shared_budgets", m004_shared_budgets),
 ]

@@ -50,9 +50,13 @@ def rollup_statements(dialect: str, where: str) -> list[str]:
     if dialect == "sqlite":
         bucket = f"CAST(started_at / {BUCKET_SECONDS} AS INTEGER) * {BUCKET_SECONDS}"
         least, greatest = "min", "max"
+        order = ""
     else:
         bucket = f"CAST(floor(started_at / {BUCKET_SECONDS}) AS BIGINT) * {BUCKET_SECONDS}"
         least, greatest = "LEAST", "GREATEST"
+        # Replicas upsert the same rollup rows concurrently: in key order, they cannot
+        # deadlock (one waits for the other instead).
+        order = " ORDER BY {}"
     out = []
     for table, keys in ROLLUPS.items():
         columns = ("bucket", *keys, *SUMS)
@@ -62,14 +66,16 @@ def rollup_statements(dialect: str, where: str) -> list[str]:
         out.append(
             f"INSERT INTO {table} ({', '.join(columns)}) "
             f"SELECT {bucket}, {key_sql}, {', '.join(CALL_SUMS)} FROM calls WHERE {where} "
-            f"GROUP BY {groups} ON CONFLICT (bucket, {', '.join(keys)}) DO UPDATE SET {update}"
+            f"GROUP BY {groups}{order.format(groups)} "
+            f"ON CONFLICT (bucket, {', '.join(keys)}) DO UPDATE SET {update}"
         )
     columns = ("intent", "agent", "first_seen", "last_seen", *INTENT_SUMS)
     update = ", ".join(f"{c} = intents.{c} + excluded.{c}" for c in INTENT_SUMS)
     out.append(
         f"INSERT INTO intents ({', '.join(columns)}) "
         f"SELECT intent, MIN(agent), MIN(started_at), MAX(started_at), {', '.join(_INTENT_VALUES)} "
-        f"FROM calls WHERE ({where}) AND intent IS NOT NULL AND refused = 0 GROUP BY intent "
+        f"FROM calls WHERE ({where}) AND intent IS NOT NULL AND refused = 0 "
+        f"GROUP BY intent{order.format('intent')} "
         f"ON CONFLICT (intent) DO UPDATE SET"
         f" first_seen = {least}(intents.first_seen, excluded.first_seen),"
         f" last_seen = {greatest}(intents.last_seen, excluded.last_seen), {update}"

@@ -1,0 +1,450 @@
+"""Budgets shared by several replicas: the counters live in PostgreSQL.
+
+The decision is the in-memory enforcer's own code, run on a state built from the counters
+one admission locks in the database; the counters it changed, the call's reservation (a
+lease named by its ledger id) and any pause are written in the same transaction. So
+check-and-reserve is one atomic step across every replica, and the guarantee of a `block`
+limit holds with any number of them. The call's ledger row, when it commits, adds the cost
+to the counters and releases the lease (see `PostgresStorage.write_calls`): a call's spend
+is counted exactly when its row is, and a row replayed from a spool is counted once.
+
+Only counters some limit reads are locked at admission: an agent under no limit costs one
+read (is it paused?) and contends on nothing. A replica's leases are released by the
+others when it stops heartbeating (it crashed), so a dead replica's reservations do not
+hold budget for longer than `REPLICA_TTL`.
+
+When the database cannot be reached, calls of agents under a block (or pause) limit get
+503 `meter_unavailable` (fail closed, the default) or go through (`on_storage_error:
+open`); their rows are spooled by the ledger writer and counted when replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+
+from proxy import events
+from proxy.budgets import COST_WINDOWS, Calendar, PolicySet, validate_policy_json
+from proxy.enforcer import BudgetState, Counter, Enforcer, IntentState, Refusal, Ticket
+from proxy.money import usd_exact
+from proxy.schema import FieldError
+from proxy.storage import Storage
+from proxy.storage.base import BudgetView, CounterKey, StorageUnavailable
+
+if TYPE_CHECKING:
+    from proxy.storage.postgres import PostgresStorage
+
+log = logging.getLogger("meterproxy.budgets")
+UNAVAILABLE_CODE = "meter_unavailable"
+LIFETIME = (0.0, 1e18)  # the window of an intent's lifetime counter
+REFRESH_SECONDS = 1.0  # API policies and the view of the counters, from the database
+UPKEEP_SECONDS = 5.0
+REPLICA_TTL = 30.0  # silent this long: a replica is dead and its leases are released
+RETRY_SECONDS = 1.0  # after a failed connection, admissions skip the database this long
+
+
+def _table(scope: Any, what: str) -> dict[str, Counter]:
+    tables: dict[str, dict[str, Counter]] = {
+        "cost": scope.cost, "requests": scope.requests, "intents": scope.intents,
+    }  # fmt: skip
+    return tables[what]
+
+
+class SharedEnforcer(Enforcer):
+    def __init__(
+        self,
+        calendar: Calendar,
+        policies: PolicySet,
+        bus: events.EventBus,
+        storage: Storage,
+        thresholds: tuple[float, ...] = (0.5, 0.8, 1.0),
+        *,
+        on_error: str = "closed",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(calendar, policies, bus, storage, thresholds)
+        self.db = cast("PostgresStorage", storage)
+        self.on_error = on_error
+        self.clock = clock
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.db.replica = self.replica
+        self.db.spend_keys = self.spend_keys
+        self.database_down = False
+        self._retry_at = 0.0  # monotonic: before it, do not try the database
+        self._claims: set[asyncio.Future[None]] = set()
+        self._lease_ids = iter(range(1, 1 << 62))
+
+    # -- which counters ----------------------------------------------------------------
+
+    def _locked_keys(self, agent: str, intent: str | None, now: float) -> list[CounterKey]:
+        """The counters some applicable limit reads: locked for the admission."""
+        cal = self.calendar
+        keys: list[CounterKey] = []
+        for scope, _, policy in self._policies(agent):
+            name = f"agent:{agent}" if scope == "agent" else "global"
+            for window in policy.cost:
+                keys.append(CounterKey(name, f"cost:{window}", *cal.window(window, now)))
+            if policy.requests_per_minute is not None:
+                keys.append(CounterKey(name, "requests:minute", *cal.window("minute", now)))
+            for window in policy.intents:
+                keys.append(CounterKey(name, f"intents:{window}", *cal.window(window, now)))
+            if intent is not None and (policy.intents or policy.cost_per_intent is not None):
+                keys.append(_intent_key(intent))
+        return keys
+
+    def spend_keys(self, agent: str, intent: str | None, started: float) -> list[CounterKey]:
+        """Every counter a call's cost goes to, limited or not (views show them all)."""
+        cal = self.calendar
+        keys = [
+            CounterKey(name, f"cost:{window}", *cal.window(window, started))
+            for name in (f"agent:{agent}", "global")
+            for window in COST_WINDOWS
+        ]
+        if intent is not None:
+            keys.append(_intent_key(intent))
+        return keys
+
+    # -- the state one admission sees --------------------------------------------------
+
+    def _state_from(
+        self, view: BudgetView, agent: str, intent: str | None, digest: bytes | None, now: float
+    ) -> BudgetState:
+        st = BudgetState()
+        for key, (used, reserved) in view.counters.items():
+            if key.scope.startswith("intent:"):
+                if key not in view.new_keys and intent is not None:
+                    st.intents[intent] = IntentState(agent, 0.0, used, reserved)
+                continue
+            scope = st.global_scope if key.scope == "global" else st.scope(agent)
+            what, window = key.kind.split(":", 1)
+            _table(scope, what)[window] = Counter(key.start, key.end, used, reserved, key)
+        if view.paused:
+            st.paused[agent] = view.paused_reason
+        if digest is not None:
+            # Hits inside the window, as far as the in-memory check is concerned.
+            st.loops[(agent, intent or "", digest)] = deque([now] * view.loop_seen)
+        return st
+
+    @staticmethod
+    def _write_back(st: BudgetState, view: BudgetView, intent: str | None) -> None:
+        for scope in (st.global_scope, *st.agents.values()):
+            for table in (scope.cost, scope.requests, scope.intents):
+                for counter in table.values():
+                    if counter.key in view.counters:
+                        view.counters[counter.key] = [counter.used, counter.reserved]
+        if intent is not None:
+            key = _intent_key(intent)
+            state = st.intents.get(intent)
+            if key in view.counters and state is not None:
+                view.counters[key] = [state.used, state.reserved]
+
+    def _emit(self, event: events.Event) -> None:
+        capture = self._capture
+        if capture is not None:
+            capture.append(event)  # sent once the transaction has committed
+        else:
+            self.bus.emit(event)
+
+    _capture: list[events.Event] | None = None
+
+    async def _decided(
+        self,
+        keys: list[CounterKey],
+        agent: str,
+        loop: tuple[str, str, str, float] | None,
+        now: float,
+        decide: Callable[[BudgetView], Any],
+    ) -> Any:
+        """Run `decide` on the locked counters; its events go out after the commit (a
+        transaction retried after a deadlock must not announce anything twice)."""
+        captured: list[events.Event] = []
+
+        def run(view: BudgetView) -> Any:
+            captured.clear()
+            self._capture = captured
+            try:
+                return decide(view)
+            finally:
+                self._capture = None
+
+        result = await self.db.budget_admit(keys, agent, loop, now, run)
+        for event in captured:
+            self.bus.emit(event)
+        return result
+
+    # -- admission -------------------------------------------------------------------
+
+    async def admit(
+        self,
+        agent: str,
+        intent: str | None,
+        worst_case: int,
+        now: float,
+        digest: bytes | None = None,
+        call_id: str | None = None,
+    ) -> Ticket | Refusal:
+        if time.monotonic() < self._retry_at:
+            return self._offline(agent, intent, None)
+        guard = self.loop_guard(agent)
+        if guard is None:
+            digest = None
+        keys = self._locked_keys(agent, intent, now)
+        # The lease is named by the call's ledger id: the row's commit releases it.
+        lease = call_id or f"{self.replica}:{next(self._lease_ids)}"
+        try:
+            if not keys and digest is None:
+                result = await self._admit_unlimited(agent, intent, worst_case)
+            else:
+                result = await self._admit_limited(
+                    keys, agent, intent, worst_case, now, digest, lease, guard
+                )
+        except StorageUnavailable as e:
+            return self._offline(agent, intent, e)
+        self._back_online()
+        if isinstance(result, Ticket):
+            self.outstanding += 1
+            self.outstanding_pico += worst_case
+        return result
+
+    async def _admit_unlimited(
+        self, agent: str, intent: str | None, worst_case: int
+    ) -> Ticket | Refusal:
+        paused, reason = await self.db.agent_paused(agent)
+        if paused:
+            self.paused[agent] = reason
+            return self._paused_refusal(self.state, agent)
+        self.paused.pop(agent, None)
+        return Ticket(agent, intent, worst_case)
+
+    async def _admit_limited(
+        self,
+        keys: list[CounterKey],
+        agent: str,
+        intent: str | None,
+        worst_case: int,
+        now: float,
+        digest: bytes | None,
+        lease: str,
+        guard: Any,
+    ) -> Ticket | Refusal:
+        loop = None
+        if digest is not None:
+            loop = (agent, intent or "", digest.hex(), float(guard.window_seconds))
+
+        def decide(view: BudgetView) -> Ticket | Refusal:
+            st = self._state_from(view, agent, intent, digest, now)
+            result = self._admit_now(st, agent, intent, worst_case, now, digest)
+            self._write_back(st, view, intent)
+            if loop is not None:
+                view.loop_hit = (loop[0], loop[1], loop[2])
+            if agent in st.paused and not view.paused:
+                view.pause_reason = st.paused[agent] or "paused"
+            if isinstance(result, Ticket) and worst_case:
+                reserved = [k for k in view.counters if k.kind.startswith("cost:")]
+                if reserved:
+                    result.lease = lease
+                    view.lease = (lease, worst_case, reserved)
+            return result
+
+        views: list[BudgetView] = []
+
+        def remember(view: BudgetView) -> Ticket | Refusal:
+            views[:] = [view]
+            return decide(view)
+
+        result: Ticket | Refusal = await self._decided(keys, agent, loop, now, remember)
+        self._mirror(views[0], agent, intent, now)
+        return result
+
+    def _mirror(self, view: BudgetView, agent: str, intent: str | None, now: float) -> None:
+        """What an admission saw, into the local view (status, thresholds) at once."""
+        if view.pause_reason is not None:
+            self.paused[agent] = view.pause_reason
+        if intent is not None:
+            counter = view.counters.get(_intent_key(intent))
+            if counter is not None:
+                state = self.intents.get(intent)
+                if state is None:
+                    self.state.remember(intent, IntentState(agent, now, counter[0]))
+                else:
+                    state.used = counter[0]
+
+    def _blocking(self, agent: str) -> bool:
+        return any(p.action in ("block", "pause") for _, _, p in self._policies(agent))
+
+    def _offline(self, agent: str, intent: str | None, error: Exception | None) -> Ticket | Refusal:
+        if error is not None:
+            if not self.database_down:
+                log.error(
+                    "budget database unreachable (%s): calls of agents under a block limit"
+                    " are %s until it is back", error,
+                    "refused (503)" if self.on_error == "closed" else "let through",
+                )  # fmt: skip
+            self.database_down = True
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+        if self.on_error == "closed" and self._blocking(agent):
+            return Refusal(
+                UNAVAILABLE_CODE,
+                "meterproxy: the budget database cannot be reached and agent"
+                f" '{agent}' has a block budget: its calls are refused until the database is"
+                " back (storage.on_storage_error: closed)",
+                retry_after=int(RETRY_SECONDS) + 1,
+                status=503,
+            )
+        self.outstanding += 1
+        return Ticket(agent, intent, 0)  # nothing reserved; the row counts when replayed
+
+    def _back_online(self) -> None:
+        if self.database_down:
+            log.warning("budget database reachable again")
+            self.database_down = False
+
+    # -- settlement: the ledger row does it in the database; here, the local view --------
+
+    def settle(self, ticket: Ticket, actual: int | None, now: float) -> None:
+        if ticket.settled:
+            return
+        ticket.settled = True
+        cost = actual or 0
+        self.outstanding -= 1
+        self.outstanding_pico -= ticket.amount
+        if cost > ticket.amount and ticket.amount:
+            log.warning(
+                "call of agent '%s' cost %s USD, more than its reservation of %s USD",
+                ticket.agent, usd_exact(cost), usd_exact(ticket.amount),
+            )  # fmt: skip
+        if cost:
+            self._count_locally(ticket.agent, ticket.intent, cost, now)
+
+    async def add_reported(self, agent: str, intent: str | None, cost: int, now: float) -> None:
+        """Counted in the database by the heartbeat's ledger row; here, the local view."""
+        if cost:
+            self._count_locally(agent, intent, cost, now)
+
+    def _count_locally(self, agent: str, intent: str | None, cost: int, now: float) -> None:
+        for s in (self.scope(agent), self.global_scope):
+            for window in COST_WINDOWS:
+                s.cost_counter(window, self.calendar, now).used += cost
+        if intent is not None and intent in self.intents:
+            self.intents[intent].used += cost
+        self._crossings(agent, intent, now)
+
+    async def standing(self, agent: str, intent: str | None, now: float) -> Refusal | None:
+        keys = self._locked_keys(agent, intent, now)
+
+        views: list[BudgetView] = []
+
+        def decide(view: BudgetView) -> Refusal | None:
+            views[:] = [view]
+            st = self._state_from(view, agent, intent, None, now)
+            result = self._standing(st, agent, intent, now)
+            if agent in st.paused and not view.paused:
+                view.pause_reason = st.paused[agent] or "paused"
+            return result
+
+        try:
+            result: Refusal | None = await self._decided(keys, agent, None, now, decide)
+        except StorageUnavailable as e:
+            offline = self._offline(agent, intent, e)
+            if isinstance(offline, Ticket):
+                self.outstanding -= 1
+                return None
+            return offline
+        self._mirror(views[0], agent, intent, now)
+        return result
+
+    # -- pause and resume go to the database at once (every admission reads it) ----------
+
+    async def persist_pause(self, agent: str, now: float) -> None:
+        return None  # a breach's pause is written in the admission's own transaction
+
+    async def pause(self, agent: str, reason: str | None, now: float) -> None:
+        await self.db.set_paused(agent, True, reason, now)
+        self.paused[agent] = reason
+        self.bus.emit(events.Event(events.PAUSED, f"agent '{agent}' paused: {reason}", now, agent))
+
+    # -- the local view, for status, metrics and thresholds; upkeep ---------------------
+
+    async def load(self, storage: Storage, now: float) -> None:
+        await self.refresh(now)
+
+    async def refresh(self, now: float) -> None:
+        """The counters of current windows, pauses and API policies, from the database."""
+        rows = await self.db.budget_counters(now)
+        fresh = BudgetState()
+        for key, used, reserved in rows:
+            if key.scope == "global":
+                scope = fresh.global_scope
+            elif key.scope.startswith("agent:"):
+                scope = fresh.scope(key.scope[len("agent:") :])
+            else:
+                continue
+            what, window = key.kind.split(":", 1)
+            _table(scope, what)[window] = Counter(key.start, key.end, used, reserved, key)
+        fresh.intents = self.state.intents
+        fresh.paused = await self.db.paused_agents()
+        self.state = fresh
+        api = {}
+        for agent, text in (await self.db.policies()).items():
+            try:
+                api[agent] = validate_policy_json(orjson.loads(text))
+            except (FieldError, orjson.JSONDecodeError) as e:
+                log.error("policy of agent '%s' in the database is invalid: %s", agent, e)
+        if api != dict(self.policies.api):
+            self.policies = self.policies.with_api(api)
+
+    async def refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            try:
+                await self.refresh(self.clock())
+            except StorageUnavailable:
+                pass
+            except Exception:
+                log.exception("refreshing shared budgets failed")
+
+    async def upkeep_loop(self) -> None:
+        """Heartbeat this replica, release dead replicas' leases, prune old counters."""
+        last_ok = -1e18
+        while True:
+            now = self.clock()
+            # Only a replica that was itself in touch all along may call others dead: after
+            # an outage every replica looks silent, and live calls hold those leases.
+            trusted = now - last_ok < 2 * UPKEEP_SECONDS
+            try:
+                released = await self.db.upkeep(now, REPLICA_TTL if trusted else None)
+                last_ok = now
+                if released:
+                    log.warning("released %d reservations of replicas that stopped", released)
+            except StorageUnavailable:
+                pass
+            except Exception:
+                log.exception("shared budget upkeep failed")
+            await asyncio.sleep(UPKEEP_SECONDS)
+
+    def _fire_threshold(self, key: tuple[Any, ...], event: events.Event) -> None:
+        """Once across replicas: the replica that claims the key in the database sends it."""
+        claim_key = "|".join(str(part) for part in key)
+
+        async def claim() -> None:
+            try:
+                if await self.db.claim_alert(claim_key, event.at):
+                    self.bus.emit(event)
+            except StorageUnavailable:
+                self.bus.emit(event)  # better twice than never
+
+        task = asyncio.ensure_future(claim())
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
+
+
+def _intent_key(intent: str) -> CounterKey:
+    return CounterKey(f"intent:{intent}", "cost:life", *LIFETIME)
