@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -228,5 +229,8 @@ async def health(request: web.Request) -> web.Response:
             "pricing_version": svc.prices.version,
             "ledger_backlog": svc.ledger.backlog,
             "outstanding_reservations": svc.enforcer.outstanding,
+            # Which process answered: replicas and workers behind one address differ here.
+            "replica": getattr(svc.enforcer, "replica", None),
+            "pid": os.getpid(),
         }
     )

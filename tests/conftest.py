@@ -68,8 +68,15 @@ ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
 @pytest.fixture
+def ledger_url(tmp_path: Path) -> str:
+    """The proxy's database; modules that test storage-backed behaviour override this with
+    `db_url` to run on both engines."""
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
 async def make_proxy(
-    aiohttp_server: Any, fake: tuple[FakeUpstream, str], tmp_path: Path
+    aiohttp_server: Any, fake: tuple[FakeUpstream, str], ledger_url: str, tmp_path: Path
 ) -> ProxyFactory:
     _, fake_url = fake
 
@@ -78,7 +85,8 @@ async def make_proxy(
     ) -> Proxy:
         base = config or Config(
             upstreams=(Upstream("fake", fake_url, default=True),),
-            db_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+            db_url=ledger_url,
+            spool_dir=tmp_path / "spool",
             reload_interval_seconds=0.05,
         )
         cfg = base.with_overrides(**changes)

@@ -3,6 +3,7 @@ random port. Uses Debian's packages (installed by .ci/run); runs as `postgres` w
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -68,8 +69,6 @@ class TempPostgres:
         return self.url(name)
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)

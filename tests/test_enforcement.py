@@ -20,6 +20,12 @@ TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+@pytest.fixture
+def ledger_url(db_url: str) -> str:
+    """Every test here runs on SQLite (one process) and on PostgreSQL (shared budgets)."""
+    return db_url
+
+
 def with_budgets(proxy_config: Config, text: str) -> dict[str, Any]:
     parsed = parse_config(yaml.safe_load(text))
     return {"policies": parsed.policies, "timezone": parsed.timezone, "admin_token": TOKEN}
@@ -121,6 +127,14 @@ async def test_concurrent_calls_never_exceed_a_block_limit(
     assert spent == admitted * 1_022_500_000
     assert len(upstream.requests) == admitted
     assert proxy.svc.enforcer.outstanding == 0 and proxy.svc.enforcer.outstanding_pico == 0
+    storage = proxy.svc.storage
+    if storage.shared:  # the database's own counters agree, and hold no reservation
+        assert await storage.fetch("SELECT COUNT(*) FROM reservations") == [(0,)]
+        day = await storage.fetch(
+            "SELECT used, reserved FROM budget_counters WHERE scope = ? AND kind = 'cost:day'",
+            ["agent:research-agent"],
+        )
+        assert day == [(spent, 0)]
 
 
 async def test_pause_policies_and_spend_survive_a_restart(

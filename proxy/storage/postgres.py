@@ -53,8 +53,7 @@ assert set(_PG_TYPES) == set(CALL_COLUMNS)
 _INSERT_CALLS = (
     f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"${i}::{_PG_TYPES[c]}[]" for i, c in enumerate(CALL_COLUMNS, 1))
-    + ") ON CONFLICT (id) DO NOTHING RETURNING seq, id, agent, intent, started_at, cost_pico,"
-    " usage_source"
+    + ") ON CONFLICT (id) DO NOTHING RETURNING seq, id, agent, intent, started_at, cost_pico"
 )
 _UPSERT_COUNTERS = (
     "INSERT INTO budget_counters (scope, kind, window_start, window_end, used, reserved)"
@@ -102,7 +101,9 @@ class PostgresStorage(Storage):
     shared = True
     rollups_inline = True
 
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 16) -> None:
+    # No floor of idle connections: asyncpg would log a traceback each time it failed to
+    # restore one during an outage. Connections opened under load stay open.
+    def __init__(self, url: str, *, min_size: int = 0, max_size: int = 16) -> None:
         super().__init__(url)
         self.min_size = min_size
         self.max_size = max_size
@@ -239,9 +240,8 @@ class PostgresStorage(Storage):
         for amount, counters in leases:
             for key in _load(counters):
                 deltas.setdefault(key, [0, 0])[1] -= amount
-        for _, _, agent, intent, started_at, cost, source in inserted:
-            # Heartbeat reports are counted when reported (their answer depends on it).
-            if cost and source != "reported":
+        for _, _, agent, intent, started_at, cost in inserted:
+            if cost:
                 for key in self.spend_keys(agent, intent, started_at):
                     deltas.setdefault(key, [0, 0])[0] += cost
         if deltas:

@@ -17,16 +17,28 @@ ADMIN = "crash-test-admin-token-0123"
 
 
 class ProxyProcess:
-    def __init__(self, workdir: Path, upstream_url: str, **server: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream_url: str,
+        *,
+        db_url: str | None = None,
+        budgets: dict[str, Any] | None = None,
+        args: tuple[str, ...] = (),
+        name: str = "meterproxy",
+        **server: Any,
+    ) -> None:
         self.workdir = workdir
         self.db = workdir / "ledger.db"
-        self.config = workdir / "meterproxy.yaml"
+        self.config = workdir / f"{name}.yaml"
+        self.args = args
         self.config.write_text(yaml.safe_dump({
             "server": {"port": 0, **server},
             "upstreams": [{"name": "fake", "base_url": upstream_url, "default": True}],
-            "storage": {"url": f"sqlite:///{self.db}"},
+            "storage": {"url": db_url or f"sqlite:///{self.db}",
+                        "spool_dir": str(workdir / f"{name}-spool")},
             "admin": {"token": ADMIN},
-            "budgets": {"defaults": {"max_cost_per_day_usd": 1000}},
+            "budgets": budgets or {"defaults": {"max_cost_per_day_usd": 1000}},
             "timeouts": {"stream_idle": 30},
         }))  # fmt: skip
         self.proc: asyncio.subprocess.Process | None = None
@@ -40,7 +52,7 @@ class ProxyProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--config", str(self.config),
+            sys.executable, "-m", "proxy", "serve", "--config", str(self.config), *self.args,
             stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         assert self.proc.stderr is not None

@@ -1,0 +1,104 @@
+"""The storage interface on both engines: same migrations, same rows, same sums."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from proxy.records import CallRecord
+from proxy.storage import Storage, open_storage
+from proxy.storage.base import BudgetView, CounterKey
+from proxy.storage.migrations import MIGRATIONS
+
+T0 = 1_795_000_000.0
+
+
+def record(i: int, cost: int | None = 1_000, intent: str | None = "task-1") -> CallRecord:
+    return CallRecord(
+        id=f"req_{i}", started_at=T0 + i, ended_at=T0 + i + 1, agent="a", intent=intent,
+        upstream="openai", endpoint="chat/completions", method="POST",
+        model_requested="gpt-4o", model_served="gpt-4o-2024-08-06", model_priced="gpt-4o",
+        status=200, stream=False, input_tokens=10, cached_input_tokens=2, output_tokens=5,
+        reasoning_tokens=0, cache_write_tokens=0, cost_pico=cost, usage_source="provider",
+        service_tier=None, price_version="v1", latency_ms=1.5, ttfb_ms=None, error=None,
+        llm_calls=1, refused=False, reserved_pico=0,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def storage(db_url: str) -> AsyncIterator[Storage]:
+    s = await open_storage(db_url)
+    yield s
+    await s.close()
+
+
+async def test_the_same_named_migrations_once(storage: Storage) -> None:
+    names = [r[0] for r in await storage.fetch("SELECT name FROM _migrations ORDER BY name")]
+    assert names == [name for name, _ in MIGRATIONS]
+    assert await storage.migrate() == []  # a second start applies nothing
+
+
+async def test_a_row_written_twice_is_stored_and_counted_once(storage: Storage) -> None:
+    rows = [record(1), record(2, cost=None), record(3, intent=None)]
+    await storage.write_calls(rows)
+    await storage.write_calls([rows[0], replace(rows[1], cost_pico=7)])  # a replay
+    await storage.sync_rollups()
+    assert await storage.count_calls() == 3
+    stored = await storage.call("req_2")
+    assert stored is not None and stored["cost_pico"] is None  # the first write stands
+    sums = await storage.fetch(
+        "SELECT SUM(requests), SUM(cost_pico), SUM(unpriced), SUM(input_tokens),"
+        " SUM(cached_input_tokens) FROM rollup_agent_15m"
+    )
+    assert [tuple(int(v) for v in sums[0])] == [(3, 2_000, 1, 30, 6)]
+    intent = await storage.intent("task-1")
+    assert intent is not None
+    assert (intent.requests, intent.cost_pico, intent.unpriced) == (2, 1_000, 1)
+    assert (intent.first_seen, intent.last_seen) == (T0 + 1, T0 + 2)
+
+
+async def test_row_values_round_trip(storage: Storage) -> None:
+    original = replace(record(9), stream=True, ttfb_ms=12.25, error="upstream 500: boom")
+    await storage.write_calls([original])
+    stored = await storage.call("req_9")
+    assert stored is not None
+    assert CallRecord.from_row([stored[c] for c in CallRecord.columns()]) == original
+
+
+async def test_pauses_and_api_policies_persist(storage: Storage) -> None:
+    await storage.set_paused("a", True, "audit", T0)
+    await storage.set_paused("b", True, None, T0)
+    await storage.set_paused("b", False, None, T0 + 1)
+    assert await storage.paused_agents() == {"a": "audit"}
+    await storage.put_policy("a", '{"max_cost_per_day_usd": 1}', T0)
+    await storage.put_policy("a", '{"max_cost_per_day_usd": 2}', T0 + 1)
+    assert await storage.policies() == {"a": '{"max_cost_per_day_usd": 2}'}
+    assert await storage.delete_policy("a") is True
+    assert await storage.delete_policy("a") is False
+
+
+async def test_shared_counters_reserve_then_the_row_settles_once(pg_url: str) -> None:
+    from proxy.storage.postgres import PostgresStorage
+
+    s = await open_storage(pg_url)
+    assert isinstance(s, PostgresStorage)
+    day = CounterKey("agent:a", "cost:day", T0 - 100, T0 + 86_300)
+    s.spend_keys = lambda agent, intent, started: [day]
+
+    def reserve(view: BudgetView) -> bool:
+        assert view.new_keys == {day} and view.counters[day] == [0, 0]
+        view.counters[day][1] += 5_000
+        view.lease = ("req_1", 5_000, [day])
+        return True
+
+    try:
+        assert await s.budget_admit([day], "a", None, T0, reserve) is True
+        assert await s.fetch("SELECT used, reserved FROM budget_counters") == [(0, 5_000)]
+        await s.write_calls([record(1, cost=1_234)])
+        await s.write_calls([record(1, cost=1_234)])  # replayed: neither counted nor released
+        assert await s.fetch("SELECT used, reserved FROM budget_counters") == [(1_234, 0)]
+        assert await s.fetch("SELECT COUNT(*) FROM reservations") == [(0,)]
+    finally:
+        await s.close()
