@@ -16,13 +16,14 @@ import orjson
 from aiohttp import web
 
 from proxy.budgets import COST_WINDOWS, INTENT_COST_LIMIT, validate_policy_json
-from proxy.errors import ProxyFault
+from proxy.errors import UNAVAILABLE_ERROR, ProxyFault
 from proxy.heartbeat import heartbeat
 from proxy.ids import IdError, validate_id
 from proxy.money import usd_exact
 from proxy.reports import ReportError, parse_time, spend_report
 from proxy.schema import FieldError
 from proxy.services import SERVICES, Services
+from proxy.storage.base import StorageUnavailable
 
 log = logging.getLogger("meterproxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,6 +66,14 @@ def admin(handler: Callable[[web.Request, Services], Awaitable[web.StreamRespons
             return await handler(request, authorize(request))
         except ProxyFault as fault:
             return fault.response()
+        except StorageUnavailable as e:
+            return ProxyFault(
+                503,
+                UNAVAILABLE_ERROR,
+                f"meterproxy: the database cannot be reached ({e}); try again when it is back",
+                type_=UNAVAILABLE_ERROR,
+                headers={"Retry-After": "5"},
+            ).response()
 
     return wrapped
 

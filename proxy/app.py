@@ -178,6 +178,20 @@ def _ledger_metrics(svc: Services) -> Iterator[GaugeMetricFamily | CounterMetric
     yield CounterMetricFamily(
         "meterproxy_ledger_commits", "Group commits of the ledger", value=svc.ledger.commits
     )
+    spool = svc.ledger.spool
+    if spool is not None:
+        yield GaugeMetricFamily(
+            "meterproxy_database_up", "1 when the shared database answers, 0 while rows spool",
+            value=0 if svc.ledger.offline else 1,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meterproxy_ledger_spooled_rows", "Rows written to the local spool (database down)",
+            value=spool.spooled,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "meterproxy_ledger_replayed_rows", "Spooled rows replayed into the database",
+            value=spool.replayed,
+        )  # fmt: skip
     if svc.alerts is not None:
         yield CounterMetricFamily(
             "meterproxy_alerts_dropped", "Alerts dropped: the queue was full",
@@ -223,9 +237,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
+    # Still 200 when the database is down: every replica shares it, so a load balancer
+    # taking them out would only turn a degraded service into none.
+    offline = svc.ledger.offline or getattr(svc.enforcer, "database_down", False)
     return web.json_response(
         {
-            "status": "ok",
+            "status": "degraded" if offline else "ok",
+            "database": "unreachable" if offline else "ok",
+            "spooled_rows": svc.ledger.spool.spooled if svc.ledger.spool else 0,
             "pricing_version": svc.prices.version,
             "ledger_backlog": svc.ledger.backlog,
             "outstanding_reservations": svc.enforcer.outstanding,

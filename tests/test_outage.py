@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -26,6 +27,7 @@ from tests.pg import TempPostgres, find_bindir
 
 HI = [{"role": "user", "content": "hi"}]
 CALL_PICO = 1_022_500_000  # 9 prompt tokens at $2.50/1M + 100 output tokens at $10/1M
+TOKEN = "outage-admin-token-0123456789"
 BUDGETS = "budgets:\n  agents:\n    capped: {max_cost_per_day_usd: 1}\n"
 
 
@@ -64,8 +66,9 @@ async def until(check: Any, seconds: float = 15.0) -> None:
 async def outage_proxy(make_proxy: ProxyFactory, pg: TempPostgres, mode: str) -> Proxy:
     parsed = parse_config(yaml.safe_load(BUDGETS))
     return await make_proxy(
-        policies=parsed.policies, db_url=pg.create_database(), on_storage_error=mode
-    )
+        policies=parsed.policies, db_url=pg.create_database(), on_storage_error=mode,
+        admin_token=TOKEN,
+    )  # fmt: skip
 
 
 async def counters(proxy: Proxy, agent: str) -> list[tuple[Any, ...]]:
@@ -102,6 +105,21 @@ async def test_database_outage(
         for _ in range(3):
             await call(proxy, "free")  # no block budget: goes through in both modes
         assert spool_files(proxy.config.spool_dir) and proxy.svc.ledger.offline
+        # The admin API says what is wrong, in the same error shape.
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession(headers=headers) as s:
+            async with s.get(proxy.url + "/meter/health") as r:
+                health = await r.json()
+                assert r.status == 200
+                assert (health["status"], health["database"]) == ("degraded", "unreachable")
+                assert health["spooled_rows"] >= 3
+            async with s.get(proxy.url + "/metrics") as r:
+                assert "\nmeterproxy_database_up 0.0\n" in await r.text()
+            async with s.get(proxy.url + "/meter/spend?by=agent") as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "5"
+                error = (await r.json())["error"]
+                assert error["code"] == "meter_unavailable"
+                assert error["message"].startswith("meterproxy: the database cannot be reached")
     finally:
         own_postgres.start()
 
