@@ -90,7 +90,9 @@ def _services_ctx(
         prices = options.prices
         if prices is None:
             prices = await asyncio.to_thread(load_price_table, config.pricing_path)
-        storage = await open_storage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
+        storage = await open_storage(
+            config.db_url, sqlite_synchronous=config.sqlite_synchronous, pool_size=config.pool_size
+        )
         bus = EventBus()
         try:
             api_policies = {

@@ -102,6 +102,9 @@ class Config:
     on_storage_error: str = "closed"
     # Ledger rows that could not reach PostgreSQL wait here until it is back.
     spool_dir: Path = Path("meterproxy-spool")
+    # PostgreSQL connections per process: replicas x workers x this must stay under the
+    # server's max_connections (100 by default).
+    pool_size: int = 10
     agent_header: str = "X-Agent-Id"
     intent_header: str = "X-Intent-Id"
     default_agent: str = "anonymous"
@@ -203,9 +206,8 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
     pricing = top.section("pricing")
     pricing.check_unknown(("file", "unknown_model", "reload_interval_seconds"))
     storage = top.section("storage")
-    storage.check_unknown(
-        ("url", "sqlite_synchronous", "retention_days", "on_storage_error", "spool_dir")
-    )
+    storage_keys = ("url", "sqlite_synchronous", "retention_days", "on_storage_error")
+    storage.check_unknown((*storage_keys, "spool_dir", "pool_size"))
     attribution = top.section("attribution")
     attribution.check_unknown(("agent_header", "intent_header", "default_agent"))
     admin = top.section("admin")
@@ -308,6 +310,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         log_format=logging_.choice("format", ("text", "json"), "text"),
         log_file=(base / log_file) if log_file else None,
         spool_dir=(base / spool_dir) if spool_dir else Config.spool_dir,
+        pool_size=storage.integer("pool_size", 10, min=1, max=1000),
         log_level=logging_.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         timezone=tz,
         reserve_output_tokens=budgets.integer("reserve_output_tokens", 4096, min=1),

@@ -38,6 +38,7 @@ from proxy.money import usd_exact
 from proxy.schema import FieldError
 from proxy.storage import Storage
 from proxy.storage.base import BudgetView, CounterKey, StorageUnavailable
+from proxy.storage.postgres import CounterChange
 
 if TYPE_CHECKING:
     from proxy.storage.postgres import PostgresStorage
@@ -196,15 +197,15 @@ class SharedEnforcer(Enforcer):
         guard = self.loop_guard(agent)
         if guard is None:
             digest = None
-        keys = self._locked_keys(agent, intent, now)
+        changes = self._changes(agent, intent, worst_case, now)
         # The lease is named by the call's ledger id: the row's commit releases it.
         lease = call_id or f"{self.replica}:{next(self._lease_ids)}"
         try:
-            if not keys and digest is None:
+            if not changes and digest is None:
                 result = await self._admit_unlimited(agent, intent, worst_case)
             else:
                 result = await self._admit_limited(
-                    keys, agent, intent, worst_case, now, digest, lease, guard
+                    changes, agent, intent, worst_case, now, digest, lease
                 )
         except StorageUnavailable as e:
             return self._offline(agent, intent, e)
@@ -224,44 +225,106 @@ class SharedEnforcer(Enforcer):
         self.paused.pop(agent, None)
         return Ticket(agent, intent, worst_case)
 
+    def _changes(
+        self, agent: str, intent: str | None, worst_case: int, now: float
+    ) -> list[CounterChange]:
+        """What admitting this call adds to each counter a limit reads, and the caps the
+        block and pause limits put on them (the tightest, when several apply)."""
+        cal = self.calendar
+        adds: dict[CounterKey, tuple[int, int, bool]] = {}
+        caps: dict[CounterKey, int | None] = {}
+
+        def want(key: CounterKey, used: int, reserved: int, new_only: bool = False) -> None:
+            adds[key] = (used, reserved, new_only)
+            caps.setdefault(key, None)
+
+        def cap(key: CounterKey, value: int, action: str) -> None:
+            if action in ("block", "pause"):
+                old = caps.get(key)
+                caps[key] = value if old is None else min(old, value)
+
+        for scope, _, policy in self._policies(agent):
+            name = f"agent:{agent}" if scope == "agent" else "global"
+            for window, limit in policy.cost.items():
+                key = CounterKey(name, f"cost:{window}", *cal.window(window, now))
+                want(key, 0, worst_case)
+                cap(key, limit - worst_case, policy.action)
+            if policy.requests_per_minute is not None:
+                key = CounterKey(name, "requests:minute", *cal.window("minute", now))
+                want(key, 1, 0)
+                cap(key, policy.requests_per_minute - 1, policy.action)
+            if intent is None:
+                continue
+            for window, limit in policy.intents.items():
+                key = CounterKey(name, f"intents:{window}", *cal.window(window, now))
+                want(key, 1, 0, new_only=True)
+                cap(key, limit - 1, policy.action)
+            if policy.intents or policy.cost_per_intent is not None:
+                key = _intent_key(intent)
+                want(key, 0, worst_case)
+                if policy.cost_per_intent is not None:
+                    cap(key, policy.cost_per_intent - worst_case, policy.action)
+        return [CounterChange(k, *adds[k][:2], caps[k], adds[k][2]) for k in adds]
+
     async def _admit_limited(
         self,
-        keys: list[CounterKey],
+        changes: list[CounterChange],
         agent: str,
         intent: str | None,
         worst_case: int,
         now: float,
         digest: bytes | None,
         lease: str,
-        guard: Any,
     ) -> Ticket | Refusal:
+        """The database checks and reserves in one statement; the same decision then runs
+        here on the counters as they were before it, for the refusal's message, alert
+        events and a breach's pause. Both read the same values, so they agree."""
         loop = None
-        if digest is not None:
-            loop = (agent, intent or "", digest.hex(), float(guard.window_seconds))
-
-        def decide(view: BudgetView) -> Ticket | Refusal:
+        policy = self._loop_policy(agent)
+        if digest is not None and policy is not None and policy.loop_guard is not None:
+            guard = policy.loop_guard
+            blocking = policy.action in ("block", "pause")
+            loop = (intent or "", digest.hex(), now - guard.window_seconds,
+                    guard.max_identical_requests if blocking else None)  # fmt: skip
+        outcome = await self.db.admit_counters(
+            agent, changes, intent, (lease, worst_case) if worst_case else None, loop, now
+        )
+        before: dict[CounterKey, list[int]] = {}
+        for change in changes:
+            used, reserved = outcome.counters[change.key]
+            if outcome.ok and (outcome.new_intent or not change.new_only):
+                used, reserved = used - change.add_used, reserved - change.add_reserved
+            before[change.key] = [used, reserved]
+        fresh = {_intent_key(intent)} if intent is not None and outcome.new_intent else set()
+        view = BudgetView(before, outcome.paused, outcome.paused_reason, fresh, outcome.loop_seen)
+        captured: list[events.Event] = []
+        self._capture = captured
+        try:
             st = self._state_from(view, agent, intent, digest, now)
             result = self._admit_now(st, agent, intent, worst_case, now, digest)
-            self._write_back(st, view, intent)
-            if loop is not None:
-                view.loop_hit = (loop[0], loop[1], loop[2])
-            if agent in st.paused and not view.paused:
-                view.pause_reason = st.paused[agent] or "paused"
-            if isinstance(result, Ticket) and worst_case:
-                reserved = [k for k in view.counters if k.kind.startswith("cost:")]
-                if reserved:
-                    result.lease = lease
-                    view.lease = (lease, worst_case, reserved)
-            return result
-
-        views: list[BudgetView] = []
-
-        def remember(view: BudgetView) -> Ticket | Refusal:
-            views[:] = [view]
-            return decide(view)
-
-        result: Ticket | Refusal = await self._decided(keys, agent, loop, now, remember)
-        self._mirror(views[0], agent, intent, now)
+        finally:
+            self._capture = None
+        if isinstance(result, Ticket) != outcome.ok:
+            log.error(
+                "shared budgets: the database %s a call of agent '%s' that the same limits"
+                " here would have %s; the database's answer stands",
+                "admitted" if outcome.ok else "refused", agent,
+                "refused" if outcome.ok else "admitted",
+            )  # fmt: skip
+            if outcome.ok:
+                result = Ticket(agent, intent, worst_case)
+            else:
+                result = self._paused_refusal(st, agent) if outcome.paused else Refusal(
+                    "budget_exceeded", f"agent '{agent}' has reached a limit", None, None
+                )  # fmt: skip
+        if isinstance(result, Ticket) and worst_case:
+            result.lease = lease
+        if not outcome.paused and agent in st.paused:  # a pause limit was breached
+            await self.db.set_paused(agent, True, st.paused[agent], now)
+            self.paused[agent] = st.paused[agent]
+        for event in captured:
+            self.bus.emit(event)
+        self._mirror(view, agent, intent, now)
         return result
 
     def _mirror(self, view: BudgetView, agent: str, intent: str | None, now: float) -> None:

@@ -66,6 +66,8 @@ def test_env_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("server: [1, 2]\n", "key 'server': bad value [1, 2]: must be a mapping"),
         ("pricing:\n  unknown_model: maybe\n", "must be one of allow, block"),
         ("server:\n  port: [\n", "not valid YAML"),
+        ("storage:\n  on_storage_error: maybe\n", "must be one of closed, open"),
+        ("storage:\n  pool_size: 0\n", "key 'storage.pool_size': bad value 0: must be >= 1"),
     ],
 )  # fmt: skip
 def test_errors_name_file_line_key_and_value(tmp_path: Path, text: str, expected: str) -> None:

@@ -1,47 +1,118 @@
-"""Admission and settlement on in-memory counters, with an explicit clock."""
+"""Admission and settlement with an explicit clock: on in-memory counters (one process) and
+on counters shared in PostgreSQL (replicas), the same decisions from the same tests."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from proxy import events
 from proxy.budgets import Calendar, PolicySet, parse_policy
 from proxy.enforcer import Enforcer, Refusal, Ticket
+from proxy.records import CallRecord
 from proxy.schema import Section
+from proxy.shared_enforcer import SharedEnforcer
+from proxy.storage import Storage, open_storage
 
 USD = 10**12
 TZ = "Europe/Berlin"
 NOON = datetime(2026, 11, 25, 12, 0, tzinfo=ZoneInfo(TZ)).timestamp()
+Make = Callable[..., Awaitable[tuple[Enforcer, list[events.Event]]]]
+_ids = itertools.count()
+_calls: dict[int, tuple[Ticket, str, float]] = {}  # id(ticket) -> (ticket, call id, started)
 
 
 def policy(**limits: Any) -> Any:
     return parse_policy(Section(limits))
 
 
-def make(agents: dict[str, Any] | None = None, defaults: Any = None, global_: Any = None,
-         thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)) -> tuple[Enforcer, list[events.Event]]:  # fmt: skip
-    bus = events.EventBus()
-    seen: list[events.Event] = []
-    bus.subscribe(seen.append)
-    policies = PolicySet(global_policy=global_, defaults=defaults, agents=agents or {})
-    return Enforcer(Calendar(TZ), policies, bus, None, thresholds), seen
+@pytest.fixture(params=["memory", "postgresql"])
+async def make(request: Any) -> AsyncIterator[Make]:
+    storages: list[Storage] = []
+
+    async def factory(agents: dict[str, Any] | None = None, defaults: Any = None,
+                      global_: Any = None, thresholds: tuple[float, ...] = (0.5, 0.8, 1.0),
+                      ) -> tuple[Enforcer, list[events.Event]]:  # fmt: skip
+        bus = events.EventBus()
+        seen: list[events.Event] = []
+        bus.subscribe(seen.append)
+        policies = PolicySet(global_policy=global_, defaults=defaults, agents=agents or {})
+        if request.param == "memory":
+            return Enforcer(Calendar(TZ), policies, bus, None, thresholds), seen
+        # A database of its own per enforcer, as a fresh process would have.
+        storage = await open_storage(request.getfixturevalue("postgres").create_database())
+        storages.append(storage)
+        shared = SharedEnforcer(Calendar(TZ), policies, bus, storage, thresholds,
+                                clock=lambda: NOON)  # fmt: skip
+        return shared, seen
+
+    yield factory
+    for storage in storages:
+        await storage.close()
 
 
 async def admit(e: Enforcer, agent: str = "a", cost: int = 0, now: float = NOON,
                 intent: str | None = None, digest: bytes | None = None) -> Ticket | Refusal:  # fmt: skip
-    return await e.admit(agent, intent, cost, now, digest)
+    call_id = f"req_{next(_ids)}"
+    result = await e.admit(agent, intent, cost, now, digest, call_id=call_id)
+    if isinstance(result, Ticket):
+        _calls[id(result)] = (result, call_id, now)
+    return result
 
 
-async def test_day_limit_reserve_settle_and_reset_at_local_midnight() -> None:
-    e, _ = make(agents={"a": policy(max_cost_per_day_usd=1)})
+def row(call_id: str, agent: str, intent: str | None, at: float, cost: int,
+        source: str = "provider") -> CallRecord:  # fmt: skip
+    return CallRecord(
+        id=call_id, started_at=at, ended_at=at, agent=agent, intent=intent, upstream="u",
+        endpoint="chat/completions", method="POST", model_requested="m", model_served="m",
+        model_priced="m", status=200, stream=False, input_tokens=1, cached_input_tokens=0,
+        output_tokens=1, reasoning_tokens=0, cache_write_tokens=0, cost_pico=cost,
+        usage_source=source, service_tier=None, price_version=None, latency_ms=1.0,
+        ttfb_ms=None, error=None, llm_calls=1, refused=False, reserved_pico=0,
+    )  # fmt: skip
+
+
+async def settle(e: Enforcer, t: Ticket | Refusal, cost: int, now: float = NOON) -> None:
+    """What the proxy does when a call ends: settle, and commit its ledger row (which, with
+    shared budgets, is what counts the spend and releases the reservation)."""
+    assert isinstance(t, Ticket)
+    e.settle(t, cost, now)
+    if isinstance(e, SharedEnforcer):
+        _, call_id, started = _calls[id(t)]
+        await e.storage.write_calls([row(call_id, t.agent, t.intent, started, cost)])
+        await e.refresh(now)
+        await drain(e)
+
+
+async def report(e: Enforcer, agent: str, intent: str | None, cost: int, now: float) -> None:
+    """A heartbeat's spend: counted, and its row committed."""
+    await e.add_reported(agent, intent, cost, now)
+    if isinstance(e, SharedEnforcer):
+        record = row(f"req_{next(_ids)}", agent, intent, now, cost, source="reported")
+        await e.storage.write_calls([record])
+        await e.refresh(now)
+
+
+async def drain(e: Enforcer) -> None:
+    """Threshold alerts of shared budgets are claimed in the database first."""
+    if isinstance(e, SharedEnforcer):
+        await asyncio.gather(*list(e._claims))
+
+
+async def test_day_limit_reserve_settle_and_reset_at_local_midnight(make: Make) -> None:
+    e, _ = await make(agents={"a": policy(max_cost_per_day_usd=1)})
     t1 = await admit(e, cost=USD * 6 // 10)
     assert isinstance(t1, Ticket)
     # 0.6 reserved: a 0.5 worst case does not fit (0.6 + 0.5 > 1) even though nothing is spent.
     r = await admit(e, cost=USD // 2)
     assert isinstance(r, Refusal) and r.code == "max_cost_per_day_usd"
-    e.settle(t1, USD // 10, NOON)  # it cost 0.1 in the end: 0.9 left
+    await settle(e, t1, USD // 10, NOON)  # it cost 0.1 in the end: 0.9 left
     assert isinstance(await admit(e, cost=USD // 2), Ticket)
     assert e.outstanding == 1
     midnight = datetime(2026, 11, 26, 0, 0, tzinfo=ZoneInfo(TZ)).timestamp()
@@ -52,20 +123,20 @@ async def test_day_limit_reserve_settle_and_reset_at_local_midnight() -> None:
     assert isinstance(await admit(e, cost=USD // 2, now=midnight), Ticket)
 
 
-async def test_every_cost_window() -> None:
+async def test_every_cost_window(make: Make) -> None:
     for key, window_s in (("max_cost_per_hour_usd", 3600), ("max_cost_per_week_usd", 86400 * 7),
                           ("max_cost_per_month_usd", 86400 * 31)):  # fmt: skip
-        e, _ = make(agents={"a": policy(**{key: 1})})
+        e, _ = await make(agents={"a": policy(**{key: 1})})
         t = await admit(e, cost=USD)
         assert isinstance(t, Ticket)
-        e.settle(t, USD, NOON)
+        await settle(e, t, USD, NOON)
         r = await admit(e, cost=1)
         assert isinstance(r, Refusal) and r.code == key
         assert r.retry_after is not None and 0 < r.retry_after <= window_s
 
 
-async def test_defaults_apply_only_without_an_own_policy_and_global_to_all() -> None:
-    e, _ = make(
+async def test_defaults_apply_only_without_an_own_policy_and_global_to_all(make: Make) -> None:
+    e, _ = await make(
         agents={"big": policy(max_cost_per_day_usd=10)},
         defaults=policy(max_cost_per_day_usd=1),
         global_=policy(max_cost_per_day_usd=3),
@@ -79,11 +150,11 @@ async def test_defaults_apply_only_without_an_own_policy_and_global_to_all() -> 
     assert "all agents together" in r.message
 
 
-async def test_intent_limits() -> None:
-    e, _ = make(agents={"a": policy(max_cost_per_intent_usd=1, max_intents_per_hour=2)})
+async def test_intent_limits(make: Make) -> None:
+    e, _ = await make(agents={"a": policy(max_cost_per_intent_usd=1, max_intents_per_hour=2)})
     t = await admit(e, intent="i1", cost=USD)
     assert isinstance(t, Ticket)
-    e.settle(t, USD, NOON)
+    await settle(e, t, USD, NOON)
     r = await admit(e, intent="i1", cost=1)
     assert isinstance(r, Refusal) and r.code == "max_cost_per_intent_usd"
     assert r.retry_after is None and "does not reset" in r.message
@@ -94,8 +165,8 @@ async def test_intent_limits() -> None:
     assert isinstance(await admit(e, intent="i3", now=NOON + 3600), Ticket)  # next hour
 
 
-async def test_requests_per_minute_and_intents_per_day() -> None:
-    e, _ = make(agents={"a": policy(max_requests_per_minute=3, max_intents_per_day=1)})
+async def test_requests_per_minute_and_intents_per_day(make: Make) -> None:
+    e, _ = await make(agents={"a": policy(max_requests_per_minute=3, max_intents_per_day=1)})
     for _ in range(3):
         assert isinstance(await admit(e), Ticket)
     r = await admit(e)
@@ -105,15 +176,15 @@ async def test_requests_per_minute_and_intents_per_day() -> None:
     assert isinstance(r, Refusal) and r.code == "max_intents_per_day"
 
 
-async def test_alert_lets_the_call_through_and_emits_once_per_call() -> None:
-    e, seen = make(agents={"a": policy(max_cost_per_day_usd=1, action_on_breach="alert")})
+async def test_alert_lets_the_call_through_and_emits_once_per_call(make: Make) -> None:
+    e, seen = await make(agents={"a": policy(max_cost_per_day_usd=1, action_on_breach="alert")})
     assert isinstance(await admit(e, cost=2 * USD), Ticket)
     assert [ev.kind for ev in seen] == [events.ALERT]
     assert seen[0].agent == "a" and seen[0].data["limit"] == "max_cost_per_day_usd"
 
 
-async def test_pause_pauses_until_resumed() -> None:
-    e, seen = make(agents={"a": policy(max_cost_per_day_usd=1, action_on_breach="pause")})
+async def test_pause_pauses_until_resumed(make: Make) -> None:
+    e, seen = await make(agents={"a": policy(max_cost_per_day_usd=1, action_on_breach="pause")})
     r = await admit(e, cost=2 * USD)
     assert isinstance(r, Refusal) and r.code == "max_cost_per_day_usd"
     assert "is now paused" in r.message and "Retry-After" not in r.headers()
@@ -124,9 +195,9 @@ async def test_pause_pauses_until_resumed() -> None:
     assert isinstance(await admit(e, cost=0), Ticket)
 
 
-async def test_loop_guard_trips_on_the_n_plus_first_identical_request() -> None:
+async def test_loop_guard_trips_on_the_n_plus_first_identical_request(make: Make) -> None:
     guard = {"max_identical_requests": 3, "window_seconds": 60}
-    e, seen = make(agents={"a": policy(loop_guard=guard)})
+    e, seen = await make(agents={"a": policy(loop_guard=guard)})
     for i in range(3):
         assert isinstance(await admit(e, intent="t", digest=b"same", now=NOON + i), Ticket)
     assert isinstance(await admit(e, intent="t", digest=b"other", now=NOON + 3), Ticket)
@@ -140,17 +211,23 @@ async def test_loop_guard_trips_on_the_n_plus_first_identical_request() -> None:
     assert isinstance(await admit(e, intent="t", digest=b"same", now=NOON + 91), Ticket)
 
 
-async def test_settle_is_idempotent_and_returns_reservations_to_zero() -> None:
-    e, _ = make(agents={"a": policy(max_cost_per_day_usd=10)})
+async def test_settle_is_idempotent_and_returns_reservations_to_zero(make: Make) -> None:
+    e, _ = await make(agents={"a": policy(max_cost_per_day_usd=10)})
     tickets = [await admit(e, cost=USD, intent="i") for _ in range(5)]
     assert e.outstanding == 5 and e.outstanding_pico == 5 * USD
     for t in tickets:
         assert isinstance(t, Ticket)
-        e.settle(t, USD // 2, NOON)
-        e.settle(t, USD // 2, NOON)  # a second settle changes nothing
+        await settle(e, t, USD // 2, NOON)
+        await settle(e, t, USD // 2, NOON)  # a second settle changes nothing
     assert (e.outstanding, e.outstanding_pico) == (0, 0)
     assert e.spent("a", "day", NOON) == 5 * USD // 2
-    assert e.intents["i"].reserved == 0 and e.intents["i"].used == 5 * USD // 2
+    if isinstance(e, SharedEnforcer):  # the lifetime counter lives in the database
+        assert await e.storage.fetch(
+            "SELECT used, reserved FROM budget_counters WHERE scope = 'intent:i'"
+        ) == [(5 * USD // 2, 0)]  # fmt: skip
+        assert await e.storage.fetch("SELECT COUNT(*) FROM reservations") == [(0,)]
+    else:
+        assert e.intents["i"].reserved == 0 and e.intents["i"].used == 5 * USD // 2
     status = e.status("a", NOON)
     assert status["windows"]["day"] == {
         "spent_usd": "2.5", "reserved_usd": "0",
@@ -159,12 +236,12 @@ async def test_settle_is_idempotent_and_returns_reservations_to_zero() -> None:
     assert status["limits"][0]["remaining_usd"] == "7.5"
 
 
-async def test_thresholds_fire_once_per_window() -> None:
-    e, seen = make(agents={"a": policy(max_cost_per_day_usd=1)})
+async def test_thresholds_fire_once_per_window(make: Make) -> None:
+    e, seen = await make(agents={"a": policy(max_cost_per_day_usd=1)})
     for _ in range(10):  # ten calls of $0.10: 50%, 80% and 100% each crossed once
         t = await admit(e, cost=0)
         assert isinstance(t, Ticket)
-        e.settle(t, USD // 10, NOON)
+        await settle(e, t, USD // 10, NOON)
     assert isinstance(await admit(e, cost=1), Refusal)  # the budget is spent exactly
     fired = [ev.data["threshold"] for ev in seen if ev.kind == events.THRESHOLD]
     assert fired == [0.5, 0.8, 1.0]
@@ -172,17 +249,39 @@ async def test_thresholds_fire_once_per_window() -> None:
     for _ in range(6):
         t = await admit(e, cost=0, now=tomorrow)
         assert isinstance(t, Ticket)
-        e.settle(t, USD // 10, tomorrow)
+        await settle(e, t, USD // 10, tomorrow)
     fired = [ev.data["threshold"] for ev in seen if ev.kind == events.THRESHOLD]
     assert fired == [0.5, 0.8, 1.0, 0.5]
 
 
-async def test_heartbeat_spend_counts() -> None:
-    e, _ = make(agents={"a": policy(max_cost_per_day_usd=1)})
-    await e.add_reported("a", "i1", 6 * USD // 10, NOON)
+async def test_heartbeat_spend_counts(make: Make) -> None:
+    e, _ = await make(agents={"a": policy(max_cost_per_day_usd=1)})
+    await report(e, "a", "i1", 6 * USD // 10, NOON)
     assert await e.standing("a", "i1", NOON) is None
     r = await admit(e, cost=USD // 2)
     assert isinstance(r, Refusal)
-    await e.add_reported("a", "i1", 4 * USD // 10, NOON)
+    await report(e, "a", "i1", 4 * USD // 10, NOON)
     standing = await e.standing("a", "i1", NOON)
     assert standing is not None and standing.code == "max_cost_per_day_usd"
+
+
+async def test_concurrent_admissions_reserve_exactly_what_fits(make: Make) -> None:
+    e, _ = await make(
+        agents={"a": policy(max_cost_per_day_usd=1, max_cost_per_intent_usd=0.7)},
+        global_=policy(max_cost_per_hour_usd=2),
+    )
+    results = await asyncio.gather(
+        *(admit(e, cost=3 * USD // 10, intent=f"i{i % 2}") for i in range(100))
+    )
+    tickets = [r for r in results if isinstance(r, Ticket)]
+    # 0.3 each: three fit in the day's 1.0, at most two in each intent's 0.7.
+    assert len(tickets) == 3
+    assert sorted(t.intent or "" for t in tickets) in (["i0", "i0", "i1"], ["i0", "i1", "i1"])
+    codes = {r.code for r in results if isinstance(r, Refusal)}
+    assert codes <= {"max_cost_per_day_usd", "max_cost_per_intent_usd"}
+    assert e.outstanding == 3 and e.outstanding_pico == 9 * USD // 10
+    for t in tickets:
+        await settle(e, t, USD // 10)
+    assert (e.outstanding, e.outstanding_pico) == (0, 0)
+    assert e.status("a", NOON)["windows"]["day"]["reserved_usd"] == "0"
+    assert e.status("a", NOON)["windows"]["day"]["spent_usd"] == "0.3"

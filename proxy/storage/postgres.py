@@ -20,6 +20,7 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -50,20 +51,19 @@ _PG_TYPES = {
     "llm_calls": "int4", "refused": "int4", "reserved_pico": "int8",
 }  # fmt: skip
 assert set(_PG_TYPES) == set(CALL_COLUMNS)
-_INSERT_CALLS = (
-    f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) SELECT * FROM unnest("
+_RECORD_CALL = (
+    "SELECT meterproxy_record("
     + ", ".join(f"${i}::{_PG_TYPES[c]}[]" for i, c in enumerate(CALL_COLUMNS, 1))
-    + ") ON CONFLICT (id) DO NOTHING RETURNING seq, id, agent, intent, started_at, cost_pico"
+    + ", "
+    + ", ".join(
+        f"${i}::{t}[]"
+        for i, t in enumerate(("text", "text", "text", "float8", "float8", "int8"), 29)
+    )
+    + ")"
 )
-_UPSERT_COUNTERS = (
-    "INSERT INTO budget_counters (scope, kind, window_start, window_end, used, reserved)"
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::int8[],"
-    " $6::int8[]) ORDER BY 1, 2, 3 ON CONFLICT (scope, kind, window_start) DO UPDATE"
-    " SET used = budget_counters.used + excluded.used,"
-    " reserved = budget_counters.reserved + excluded.reserved"
-)
-_ROLLUP = [numbered_params(s) for s in rollup_statements("postgresql", "seq = ANY(?::bigint[])")]
 _LOCK_MIGRATIONS = 7_361_220_001  # pg_advisory_xact_lock key: one replica migrates at a time
+assert len(CALL_COLUMNS) == 28
+_ADMIT_CALL = "SELECT * FROM meterproxy_admit(" + ", ".join(f"${i}" for i in range(1, 20)) + ")"
 _RETRIES = 5  # a transaction that lost a deadlock (or a serialization race) runs again
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 # Errors that mean "cannot reach the database now", as opposed to a bad statement.
@@ -77,6 +77,162 @@ _UNREACHABLE = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
 )
+
+
+# Admission in one round trip: the counters' row locks are held for the length of this
+# function, not across several client round trips, so one agent's (or the global) counters
+# admit thousands of calls a second. The caller (shared enforcer) turns its policies into,
+# per counter: what this call adds to used and to reserved, and the most used + reserved
+# may be before it (cap; NULL: not checked); `new_only` rows count a new intent and apply
+# only when this admission created the intent's lifetime counter. All or nothing: when any
+# cap is exceeded, or the agent is paused, or the loop guard trips, nothing is added. The
+# first row returned is the outcome; the others are the counters after it.
+_ADMIT_FUNCTION = """
+CREATE OR REPLACE FUNCTION meterproxy_admit(
+    p_agent text, p_now float8, p_lease text, p_replica text, p_amount int8, p_lease_keys text,
+    p_scope text[], p_kind text[], p_start float8[], p_end float8[],
+    p_du int8[], p_dr int8[], p_cap int8[], p_new_only boolean[], p_intent text,
+    p_loop_intent text, p_loop_digest text, p_loop_since float8, p_loop_max int
+) RETURNS TABLE (o_ok boolean, o_fresh boolean, o_paused boolean, o_reason text, o_seen int,
+                 o_scope text, o_kind text, o_start float8, o_used int8, o_reserved int8)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_ok boolean := true;
+    v_fresh boolean := false;
+    v_paused boolean := false;
+    v_reason text;
+    v_seen int := 0;
+    v_intent_scope text := 'intent:' || p_intent;
+BEGIN
+    WITH created AS (
+        INSERT INTO budget_counters AS b (scope, kind, window_start, window_end, used, reserved)
+        SELECT r.s, r.k, r.w, r.e, 0, 0 FROM unnest(p_scope, p_kind, p_start, p_end)
+            AS r(s, k, w, e) ORDER BY r.s, r.k, r.w
+        ON CONFLICT DO NOTHING RETURNING b.scope)
+    SELECT COALESCE(bool_or(c.scope = v_intent_scope), false) INTO v_fresh FROM created c;
+    IF v_fresh THEN  -- older calls of the intent may be in the ledger (see budget_admit)
+        UPDATE budget_counters b SET used = COALESCE(
+            (SELECT i.cost_pico FROM intents i WHERE i.intent = p_intent), 0)
+        WHERE b.scope = v_intent_scope AND b.kind = 'cost:life';
+    END IF;
+    PERFORM 1 FROM budget_counters b JOIN unnest(p_scope, p_kind, p_start) AS r(s, k, w)
+        ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
+        ORDER BY b.scope, b.kind, b.window_start FOR UPDATE OF b;
+    SELECT true, a.reason INTO v_paused, v_reason FROM agent_state a
+        WHERE a.agent = p_agent AND a.paused = 1;
+    v_paused := COALESCE(v_paused, false);
+    IF p_loop_digest IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended(
+            p_agent || chr(31) || p_loop_intent || chr(31) || p_loop_digest, 0));
+        SELECT count(*) INTO v_seen FROM loop_hits h WHERE h.agent = p_agent
+            AND h.intent = p_loop_intent AND h.digest = p_loop_digest AND h.at > p_loop_since;
+        INSERT INTO loop_hits (agent, intent, digest, at)
+            VALUES (p_agent, p_loop_intent, p_loop_digest, p_now);
+        IF p_loop_max IS NOT NULL AND v_seen >= p_loop_max THEN
+            v_ok := false;
+        END IF;
+    END IF;
+    IF v_paused THEN
+        v_ok := false;
+    END IF;
+    IF v_ok THEN
+        SELECT COALESCE(bool_and(b.used + b.reserved <= r.c), true) INTO v_ok
+        FROM budget_counters b
+        JOIN unnest(p_scope, p_kind, p_start, p_cap, p_new_only) AS r(s, k, w, c, n)
+            ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
+        WHERE r.c IS NOT NULL AND (NOT r.n OR v_fresh);
+    END IF;
+    IF v_ok THEN
+        UPDATE budget_counters b SET used = b.used + r.du, reserved = b.reserved + r.dr
+        FROM unnest(p_scope, p_kind, p_start, p_du, p_dr, p_new_only) AS r(s, k, w, du, dr, n)
+        WHERE b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
+            AND (NOT r.n OR v_fresh) AND (r.du <> 0 OR r.dr <> 0);
+        IF p_lease IS NOT NULL THEN
+            INSERT INTO reservations (id, replica, created, amount, counters)
+                VALUES (p_lease, p_replica, p_now, p_amount, p_lease_keys);
+        END IF;
+    END IF;
+    RETURN QUERY SELECT v_ok, v_fresh, v_paused, v_reason, v_seen,
+        NULL::text, NULL::text, NULL::float8, NULL::int8, NULL::int8;
+    RETURN QUERY SELECT v_ok, v_fresh, v_paused, v_reason, v_seen,
+        b.scope, b.kind, b.window_start, b.used, b.reserved
+    FROM budget_counters b JOIN unnest(p_scope, p_kind, p_start) AS r(s, k, w)
+        ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w;
+END
+$fn$
+"""
+
+
+def _record_function() -> str:
+    """The ledger write in one round trip: rows inserted (an id already stored is skipped),
+    added to the rollups and intent totals, their costs added to every budget counter of
+    their windows and their reservations released - all for the rows really inserted, so a
+    replayed row changes nothing. Generated from the same rollup SQL as SQLite's."""
+    columns = ", ".join(CALL_COLUMNS)
+    params = ", ".join(f"p_{c} {_PG_TYPES[c]}[]" for c in CALL_COLUMNS)
+    arrays = ", ".join(f"p_{c}" for c in CALL_COLUMNS)
+    rollups = ";\n    ".join(rollup_statements("postgresql", "seq = ANY(v_seqs)"))
+    return f"""
+CREATE OR REPLACE FUNCTION meterproxy_record({params},
+    p_spend_id text[], p_scope text[], p_kind text[], p_start float8[], p_end float8[],
+    p_cost int8[]) RETURNS int LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_seqs bigint[];
+    v_ids text[];
+BEGIN
+    WITH ins AS (
+        INSERT INTO calls ({columns}) SELECT * FROM unnest({arrays})
+        ON CONFLICT (id) DO NOTHING RETURNING seq, id)
+    SELECT array_agg(ins.seq), array_agg(ins.id) INTO v_seqs, v_ids FROM ins;
+    IF v_seqs IS NULL THEN
+        RETURN 0;
+    END IF;
+    {rollups};
+    WITH gone AS (
+        DELETE FROM reservations r WHERE r.id = ANY(v_ids) RETURNING r.amount, r.counters),
+    deltas AS (
+        SELECT t.s, t.k, t.w, t.e, t.c AS du, 0::int8 AS dr
+        FROM unnest(p_spend_id, p_scope, p_kind, p_start, p_end, p_cost) AS t(i, s, k, w, e, c)
+        WHERE t.i = ANY(v_ids)
+        UNION ALL
+        SELECT j->>0, j->>1, (j->>2)::float8, (j->>3)::float8, 0::int8, -g.amount
+        FROM gone g, json_array_elements(g.counters::json) AS j)
+    INSERT INTO budget_counters AS b (scope, kind, window_start, window_end, used, reserved)
+    SELECT d.s, d.k, d.w, max(d.e), sum(d.du), sum(d.dr) FROM deltas d
+    GROUP BY d.s, d.k, d.w ORDER BY d.s, d.k, d.w
+    ON CONFLICT (scope, kind, window_start) DO UPDATE
+    SET used = b.used + excluded.used, reserved = b.reserved + excluded.reserved;
+    RETURN array_length(v_seqs, 1);
+END
+$fn$
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CounterChange:
+    """One counter in a one-round-trip admission (see _ADMIT_FUNCTION)."""
+
+    key: CounterKey
+    add_used: int
+    add_reserved: int
+    cap: int | None  # the most used + reserved may be before this call; None: no check
+    new_only: bool = False  # counts a new intent: applies only if the intent is new
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    ok: bool
+    new_intent: bool  # this admission created the intent's lifetime counter
+    paused: bool
+    paused_reason: str | None
+    loop_seen: int
+    counters: dict[CounterKey, tuple[int, int]]  # (used, reserved) after the admission
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Connections go back to the pool as they are: nothing here changes session state
+    (locks are transaction-scoped), so asyncpg's reset query would be a wasted round trip
+    per use."""
 
 
 def redact(url: str) -> str:
@@ -103,7 +259,7 @@ class PostgresStorage(Storage):
 
     # No floor of idle connections: asyncpg would log a traceback each time it failed to
     # restore one during an outage. Connections opened under load stay open.
-    def __init__(self, url: str, *, min_size: int = 0, max_size: int = 16) -> None:
+    def __init__(self, url: str, *, min_size: int = 0, max_size: int = 10) -> None:
         super().__init__(url)
         self.min_size = min_size
         self.max_size = max_size
@@ -120,7 +276,7 @@ class PostgresStorage(Storage):
         try:
             self._pool = await asyncpg.create_pool(
                 dsn=self.url, min_size=self.min_size, max_size=self.max_size,
-                timeout=10, command_timeout=30,
+                timeout=10, command_timeout=30, reset=_no_reset,
             )  # fmt: skip
         except _UNREACHABLE as e:
             raise StorageUnavailable(f"{redact(self.url)}: cannot connect: {e}") from None
@@ -156,13 +312,28 @@ class PostgresStorage(Storage):
                 raise StorageUnavailable(f"{redact(self.url)}: {type(e).__name__}: {e}") from None
         raise AssertionError("unreachable")
 
+    async def _statement(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """One statement, one round trip, its own transaction (no BEGIN/COMMIT trips)."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self._p().acquire(timeout=10) as conn:
+                    rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+                    return rows
+            except _RETRYABLE:
+                if attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.001 * 2**attempt)
+            except _UNREACHABLE as e:
+                raise StorageUnavailable(f"{redact(self.url)}: {type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
+
     async def ping(self) -> None:
         await self._run(lambda c: c.fetchval("SELECT 1"))
 
     # -- primitives -----------------------------------------------------------------------
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        rows = await self._run(lambda c: c.fetch(numbered_params(sql), *params))
+        rows = await self._statement(numbered_params(sql), *params)
         return [tuple(r) for r in rows]
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
@@ -202,6 +373,9 @@ class PostgresStorage(Storage):
                     name,
                 )
                 applied.append(name)
+            # Functions are code: replaced at each start, to match this version.
+            await conn.execute(_ADMIT_FUNCTION)
+            await conn.execute(_record_function())
             return applied
 
         applied: list[str] = await self._run(work)
@@ -213,47 +387,57 @@ class PostgresStorage(Storage):
     # -- the ledger -----------------------------------------------------------------------
 
     async def write_calls(self, records: Sequence[CallRecord]) -> None:
+        if not records:
+            return
+        if len({r.id for r in records}) < len(records):  # a spool replayed twice, say
+            records = list({r.id: r for r in reversed(records)}.values())[::-1]
         rows = [r.as_row() for r in records]
-        columns = [list(col) for col in zip(*rows, strict=True)] if rows else []
-
-        async def work(conn: asyncpg.Connection) -> None:
-            inserted = await conn.fetch(_INSERT_CALLS, *columns)
-            if not inserted:  # a replayed row (same id) is skipped, and not counted again
-                return
-            seqs = [r[0] for r in inserted]
-            for statement in _ROLLUP:
-                await conn.execute(statement, seqs)
-            if self.spend_keys is not None:
-                await self._settle(conn, inserted)
-
-        await self._run(work)
-
-    async def _settle(self, conn: asyncpg.Connection, inserted: list[asyncpg.Record]) -> None:
-        """The calls' costs onto their counters and their reservations released, with the
-        rows themselves: a call's spend is counted exactly when its row is."""
-        assert self.spend_keys is not None
-        deltas: dict[CounterKey, list[int]] = {}
-        leases = await conn.fetch(
-            "DELETE FROM reservations WHERE id = ANY($1::text[]) RETURNING amount, counters",
-            [r[1] for r in inserted],
-        )
-        for amount, counters in leases:
-            for key in _load(counters):
-                deltas.setdefault(key, [0, 0])[1] -= amount
-        for _, _, agent, intent, started_at, cost in inserted:
-            if cost:
-                for key in self.spend_keys(agent, intent, started_at):
-                    deltas.setdefault(key, [0, 0])[0] += cost
-        if deltas:
-            ordered = sorted(deltas, key=_key_order)
-            await conn.execute(
-                _UPSERT_COUNTERS,
-                *_keys(ordered),
-                [deltas[k][0] for k in ordered],
-                [deltas[k][1] for k in ordered],
-            )
+        columns = [list(col) for col in zip(*rows, strict=True)]
+        spend: tuple[list[Any], ...] = ([], [], [], [], [], [])
+        if self.spend_keys is not None:
+            ids, scopes, kinds, starts, ends, costs = spend
+            for r in records:
+                if r.cost_pico:
+                    for key in self.spend_keys(r.agent, r.intent, r.started_at):
+                        ids.append(r.id)
+                        scopes.append(key.scope)
+                        kinds.append(key.kind)
+                        starts.append(key.start)
+                        ends.append(key.end)
+                        costs.append(r.cost_pico)
+        await self._statement(_RECORD_CALL, *columns, *spend)
 
     # -- shared budgets -------------------------------------------------------------------
+
+    async def admit_counters(
+        self,
+        agent: str,
+        changes: Sequence[CounterChange],
+        intent: str | None,
+        lease: tuple[str, int] | None,
+        loop: tuple[str, str, float, int | None] | None,
+        now: float,
+    ) -> Admission:
+        """Check and reserve in one statement (one round trip, no client transaction)."""
+        ordered = sorted(changes, key=lambda c: _key_order(c.key))
+        keys = [c.key for c in ordered]
+        lease_keys = [c.key for c in ordered if c.add_reserved]
+        loop_intent, digest, since, loop_max = loop if loop is not None else (None, None, 0, None)
+        args = (
+            agent, now, lease[0] if lease and lease_keys else None, self.replica,
+            lease[1] if lease else 0, _dump(lease_keys), *_keys(keys),
+            [c.add_used for c in ordered], [c.add_reserved for c in ordered],
+            [c.cap for c in ordered], [c.new_only for c in ordered], intent,
+            loop_intent, digest, since, loop_max,
+        )  # fmt: skip
+        rows = await self._statement(_ADMIT_CALL, *args)
+        head = rows[0]
+        by_key = {(k.scope, k.kind, k.start): k for k in keys}
+        return Admission(
+            ok=head[0], new_intent=head[1], paused=head[2], paused_reason=head[3],
+            loop_seen=head[4],
+            counters={by_key[(r[5], r[6], r[7])]: (int(r[8]), int(r[9])) for r in rows[1:]},
+        )  # fmt: skip
 
     async def budget_admit(
         self,
