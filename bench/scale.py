@@ -18,10 +18,35 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.__main__ import SCENARIOS, Process, free_port, table, wrk
+from bench.__main__ import CLK_TCK, SCENARIOS, Process, free_port, table, wrk
 from tests.pg import TempPostgres, find_bindir
 
 SETUPS = ("sqlite, 1 process", "postgresql, 1 process", "postgresql, --workers 2")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process and all its descendants (workers, PostgreSQL backends)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    wanted, total, changed = {root}, 0.0, True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in wanted and pid not in wanted:
+                wanted.add(pid)
+                changed = True
+    for pid in wanted:
+        total += times.get(pid, 0.0)
+    return total
 
 
 def config(upstream_url: str, port: int, db_url: str, workdir: Path, budget: bool) -> Path:
@@ -79,7 +104,8 @@ def main() -> None:
             procs[name] = Process(name, argv, port, workdir / f"{port}.stderr")
         for p in procs.values():
             p.wait_ready()
-        run(args, procs, workdir)
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+        run(args, procs, workdir, postmaster)
     finally:
         for p in procs.values():
             p.stop()
@@ -87,15 +113,23 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, procs: dict[str, Process], workdir: Path) -> None:
+def run(
+    args: argparse.Namespace, procs: dict[str, Process], workdir: Path, postmaster: int
+) -> None:
     body = SCENARIOS["json"]
     for name in SETUPS:
         wrk(procs[name].port, body, 2, workdir, args.connections)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in SETUPS}
+    proxy_cpu: dict[str, list[float]] = {name: [] for name in SETUPS}
+    db_cpu: dict[str, list[float]] = {name: [] for name in SETUPS}
     for r in range(args.rounds):
         order = SETUPS[r % len(SETUPS) :] + SETUPS[: r % len(SETUPS)]
         for name in order:
-            rate, _ = wrk(procs[name].port, body, args.seconds, workdir, args.connections)
+            pid = procs[name].proc.pid
+            before = tree_cpu_seconds(pid), tree_cpu_seconds(postmaster)
+            rate, total = wrk(procs[name].port, body, args.seconds, workdir, args.connections)
+            proxy_cpu[name].append((tree_cpu_seconds(pid) - before[0]) / total)
+            db_cpu[name].append((tree_cpu_seconds(postmaster) - before[1]) / total)
             rates[name].append(rate)
             print(f"round {r + 1} {name:<24} {rate:8.0f} calls/s", flush=True)
     base = statistics.median(rates[SETUPS[0]])
@@ -105,10 +139,13 @@ def run(args: argparse.Namespace, procs: dict[str, Process], workdir: Path) -> N
     )
     rows = [
         [name, f"{statistics.median(v):.0f}", " ".join(f"{x:.0f}" for x in v),
-         f"{statistics.median(v) / base:.2f}"]
+         f"{statistics.median(v) / base:.2f}",
+         f"{statistics.median(proxy_cpu[name]) * 1000:.2f}",
+         f"{statistics.median(db_cpu[name]) * 1000:.2f}" if "postgresql" in name else "-"]
         for name, v in rates.items()
     ]  # fmt: skip
-    print(table(["setup", "median", "per round", "vs sqlite"], rows))
+    head = ["setup", "median", "per round", "vs sqlite", "CPU ms/call proxy", "PostgreSQL"]
+    print(table(head, rows))
 
 
 if __name__ == "__main__":

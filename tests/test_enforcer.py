@@ -285,3 +285,15 @@ async def test_concurrent_admissions_reserve_exactly_what_fits(make: Make) -> No
     assert (e.outstanding, e.outstanding_pico) == (0, 0)
     assert e.status("a", NOON)["windows"]["day"]["reserved_usd"] == "0"
     assert e.status("a", NOON)["windows"]["day"]["spent_usd"] == "0.3"
+
+
+async def test_concurrent_new_intents_count_once_each(make: Make) -> None:
+    e, _ = await make(agents={"a": policy(max_intents_per_hour=2)})
+    intents = ["x", "y", "z"] * 5
+    results = await asyncio.gather(*(admit(e, intent=i) for i in intents))
+    admitted = {i for i, r in zip(intents, results, strict=True) if isinstance(r, Ticket)}
+    refused = {i for i, r in zip(intents, results, strict=True) if isinstance(r, Refusal)}
+    # The first two intents to arrive are admitted with every call; the third with none.
+    assert len(admitted) == 2 and refused == set(intents) - admitted
+    assert sum(isinstance(r, Ticket) for r in results) == 10
+    assert {r.code for r in results if isinstance(r, Refusal)} == {"max_intents_per_hour"}

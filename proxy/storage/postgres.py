@@ -63,7 +63,6 @@ _RECORD_CALL = (
 )
 _LOCK_MIGRATIONS = 7_361_220_001  # pg_advisory_xact_lock key: one replica migrates at a time
 assert len(CALL_COLUMNS) == 28
-_ADMIT_CALL = "SELECT * FROM meterproxy_admit(" + ", ".join(f"${i}" for i in range(1, 20)) + ")"
 _RETRIES = 5  # a transaction that lost a deadlock (or a serialization race) runs again
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 # Errors that mean "cannot reach the database now", as opposed to a bad statement.
@@ -79,88 +78,136 @@ _UNREACHABLE = (
 )
 
 
-# Admission in one round trip: the counters' row locks are held for the length of this
-# function, not across several client round trips, so one agent's (or the global) counters
-# admit thousands of calls a second. The caller (shared enforcer) turns its policies into,
-# per counter: what this call adds to used and to reserved, and the most used + reserved
-# may be before it (cap; NULL: not checked); `new_only` rows count a new intent and apply
-# only when this admission created the intent's lifetime counter. All or nothing: when any
-# cap is exceeded, or the agent is paused, or the loop guard trips, nothing is added. The
-# first row returned is the outcome; the others are the counters after it.
+# Admission: concurrent admissions of one process go to the database together (like the
+# ledger's group commit), one round trip for all of them, and each counter's row lock is
+# held for the length of this function only. The caller (shared enforcer) turns its
+# policies into, per counter: what the call adds to used and to reserved, and the most
+# used + reserved may be before it (cap; NULL: not checked); `new_only` rows count a new
+# intent and apply only when this admission created the intent's lifetime counter. Each
+# admission is all or nothing, in order: when any of its caps is exceeded, or its agent is
+# paused, or its loop guard trips, nothing of it is added. For each admission, one outcome
+# row (scope NULL), then its counters as they are after it.
+# Both functions use generic plans: with array parameters PostgreSQL would otherwise plan
+# every statement again on every call (custom plans look cheaper for short arrays), which
+# costs more than running them.
 _ADMIT_FUNCTION = """
 CREATE OR REPLACE FUNCTION meterproxy_admit(
-    p_agent text, p_now float8, p_lease text, p_replica text, p_amount int8, p_lease_keys text,
-    p_scope text[], p_kind text[], p_start float8[], p_end float8[],
-    p_du int8[], p_dr int8[], p_cap int8[], p_new_only boolean[], p_intent text,
-    p_loop_intent text, p_loop_digest text, p_loop_since float8, p_loop_max int
-) RETURNS TABLE (o_ok boolean, o_fresh boolean, o_paused boolean, o_reason text, o_seen int,
-                 o_scope text, o_kind text, o_start float8, o_used int8, o_reserved int8)
-LANGUAGE plpgsql AS $fn$
+    p_replica text, a_now float8[],
+    a_agent text[], a_lease text[], a_amount int8[], a_lease_keys text[], a_intent text[],
+    a_loop_intent text[], a_loop_digest text[], a_loop_since float8[], a_loop_max int[],
+    c_adm int[], c_scope text[], c_kind text[], c_start float8[], c_end float8[],
+    c_du int8[], c_dr int8[], c_cap int8[], c_new_only boolean[]
+) RETURNS TABLE (o_adm int, o_ok boolean, o_fresh boolean, o_paused boolean, o_reason text,
+                 o_seen int, o_scope text, o_kind text, o_start float8, o_used int8,
+                 o_reserved int8)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 DECLARE
-    v_ok boolean := true;
-    v_fresh boolean := false;
-    v_paused boolean := false;
+    v_created text[];
+    v_ok boolean;
+    v_fresh boolean;
+    v_paused boolean;
     v_reason text;
-    v_seen int := 0;
-    v_intent_scope text := 'intent:' || p_intent;
+    v_seen int;
+    v_intent_scope text;
+    v_has_key boolean;
 BEGIN
     WITH created AS (
         INSERT INTO budget_counters AS b (scope, kind, window_start, window_end, used, reserved)
-        SELECT r.s, r.k, r.w, r.e, 0, 0 FROM unnest(p_scope, p_kind, p_start, p_end)
-            AS r(s, k, w, e) ORDER BY r.s, r.k, r.w
+        SELECT DISTINCT r.s, r.k, r.w, r.e, 0::int8, 0::int8
+        FROM unnest(c_scope, c_kind, c_start, c_end) AS r(s, k, w, e) ORDER BY 1, 2, 3
         ON CONFLICT DO NOTHING RETURNING b.scope)
-    SELECT COALESCE(bool_or(c.scope = v_intent_scope), false) INTO v_fresh FROM created c;
-    IF v_fresh THEN  -- older calls of the intent may be in the ledger (see budget_admit)
+    SELECT array_agg(c.scope) INTO v_created FROM created c WHERE c.scope LIKE 'intent:%';
+    IF v_created IS NOT NULL THEN  -- older calls of an intent may be in the ledger
         UPDATE budget_counters b SET used = COALESCE(
-            (SELECT i.cost_pico FROM intents i WHERE i.intent = p_intent), 0)
-        WHERE b.scope = v_intent_scope AND b.kind = 'cost:life';
+            (SELECT i.cost_pico FROM intents i WHERE i.intent = substr(b.scope, 8)), 0)
+        WHERE b.kind = 'cost:life' AND b.scope = ANY(v_created);
     END IF;
-    PERFORM 1 FROM budget_counters b JOIN unnest(p_scope, p_kind, p_start) AS r(s, k, w)
+    PERFORM 1 FROM budget_counters b
+        JOIN (SELECT DISTINCT r.s, r.k, r.w FROM unnest(c_scope, c_kind, c_start) AS r(s, k, w)) r
         ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
         ORDER BY b.scope, b.kind, b.window_start FOR UPDATE OF b;
-    SELECT true, a.reason INTO v_paused, v_reason FROM agent_state a
-        WHERE a.agent = p_agent AND a.paused = 1;
-    v_paused := COALESCE(v_paused, false);
-    IF p_loop_digest IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(hashtextextended(
-            p_agent || chr(31) || p_loop_intent || chr(31) || p_loop_digest, 0));
-        SELECT count(*) INTO v_seen FROM loop_hits h WHERE h.agent = p_agent
-            AND h.intent = p_loop_intent AND h.digest = p_loop_digest AND h.at > p_loop_since;
-        INSERT INTO loop_hits (agent, intent, digest, at)
-            VALUES (p_agent, p_loop_intent, p_loop_digest, p_now);
-        IF p_loop_max IS NOT NULL AND v_seen >= p_loop_max THEN
+    -- Loop-guard keys too, all at once and in order: two batches cannot deadlock on them.
+    PERFORM pg_advisory_xact_lock(h) FROM (
+        SELECT DISTINCT hashtextextended(g || chr(31) || li || chr(31) || d, 0) AS h
+        FROM unnest(a_agent, a_loop_intent, a_loop_digest) AS x(g, li, d)
+        WHERE d IS NOT NULL ORDER BY 1) locks;
+    FOR i IN 1 .. COALESCE(array_length(a_agent, 1), 0) LOOP
+        v_ok := true;
+        v_seen := 0;
+        v_reason := NULL;
+        v_paused := NULL;
+        v_intent_scope := 'intent:' || a_intent[i];
+        v_has_key := EXISTS (SELECT 1 FROM unnest(c_adm, c_scope) AS r(a, s)
+                             WHERE r.a = i AND r.s = v_intent_scope);
+        -- A new intent: its counter was created by this batch and no admission of it has
+        -- gone through yet (a refused one does not start it), and the ledger never saw it.
+        v_fresh := COALESCE(v_has_key AND v_intent_scope = ANY(v_created) AND NOT EXISTS (
+            SELECT 1 FROM intents it WHERE it.intent = a_intent[i]), false);
+        SELECT true, st.reason INTO v_paused, v_reason FROM agent_state st
+            WHERE st.agent = a_agent[i] AND st.paused = 1;
+        v_paused := COALESCE(v_paused, false);
+        IF a_loop_digest[i] IS NOT NULL THEN
+            SELECT count(*) INTO v_seen FROM loop_hits h WHERE h.agent = a_agent[i]
+                AND h.intent = a_loop_intent[i] AND h.digest = a_loop_digest[i]
+                AND h.at > a_loop_since[i];
+            INSERT INTO loop_hits (agent, intent, digest, at)
+                VALUES (a_agent[i], a_loop_intent[i], a_loop_digest[i], a_now[i]);
+            IF a_loop_max[i] IS NOT NULL AND v_seen >= a_loop_max[i] THEN
+                v_ok := false;
+            END IF;
+        END IF;
+        IF v_paused THEN
             v_ok := false;
         END IF;
-    END IF;
-    IF v_paused THEN
-        v_ok := false;
-    END IF;
-    IF v_ok THEN
-        SELECT COALESCE(bool_and(b.used + b.reserved <= r.c), true) INTO v_ok
-        FROM budget_counters b
-        JOIN unnest(p_scope, p_kind, p_start, p_cap, p_new_only) AS r(s, k, w, c, n)
-            ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
-        WHERE r.c IS NOT NULL AND (NOT r.n OR v_fresh);
-    END IF;
-    IF v_ok THEN
-        UPDATE budget_counters b SET used = b.used + r.du, reserved = b.reserved + r.dr
-        FROM unnest(p_scope, p_kind, p_start, p_du, p_dr, p_new_only) AS r(s, k, w, du, dr, n)
-        WHERE b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
-            AND (NOT r.n OR v_fresh) AND (r.du <> 0 OR r.dr <> 0);
-        IF p_lease IS NOT NULL THEN
-            INSERT INTO reservations (id, replica, created, amount, counters)
-                VALUES (p_lease, p_replica, p_now, p_amount, p_lease_keys);
+        IF v_ok THEN
+            SELECT COALESCE(bool_and(b.used + b.reserved <= r.c), true) INTO v_ok
+            FROM budget_counters b
+            JOIN unnest(c_adm, c_scope, c_kind, c_start, c_cap, c_new_only) AS r(a, s, k, w, c, n)
+                ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
+            WHERE r.a = i AND r.c IS NOT NULL AND (NOT r.n OR v_fresh);
         END IF;
+        IF v_ok THEN
+            UPDATE budget_counters b SET used = b.used + r.du, reserved = b.reserved + r.dr
+            FROM unnest(c_adm, c_scope, c_kind, c_start, c_du, c_dr, c_new_only)
+                AS r(a, s, k, w, du, dr, n)
+            WHERE r.a = i AND b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
+                AND (NOT r.n OR v_fresh) AND (r.du <> 0 OR r.dr <> 0);
+            IF a_lease[i] IS NOT NULL THEN
+                INSERT INTO reservations (id, replica, created, amount, counters)
+                    VALUES (a_lease[i], p_replica, a_now[i], a_amount[i], a_lease_keys[i]);
+            END IF;
+            IF v_has_key THEN
+                v_created := array_remove(v_created, v_intent_scope);
+            END IF;
+        END IF;
+        RETURN QUERY SELECT i, v_ok, v_fresh, v_paused, v_reason, v_seen,
+            NULL::text, NULL::text, NULL::float8, NULL::int8, NULL::int8;
+        RETURN QUERY SELECT i, v_ok, v_fresh, v_paused, v_reason, v_seen,
+            b.scope, b.kind, b.window_start, b.used, b.reserved
+        FROM budget_counters b JOIN unnest(c_adm, c_scope, c_kind, c_start) AS r(a, s, k, w)
+            ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
+        WHERE r.a = i;
+    END LOOP;
+    -- Counters of intents no admission started: gone, so the next call is new again.
+    IF cardinality(v_created) > 0 THEN
+        DELETE FROM budget_counters b WHERE b.kind = 'cost:life' AND b.scope = ANY(v_created);
     END IF;
-    RETURN QUERY SELECT v_ok, v_fresh, v_paused, v_reason, v_seen,
-        NULL::text, NULL::text, NULL::float8, NULL::int8, NULL::int8;
-    RETURN QUERY SELECT v_ok, v_fresh, v_paused, v_reason, v_seen,
-        b.scope, b.kind, b.window_start, b.used, b.reserved
-    FROM budget_counters b JOIN unnest(p_scope, p_kind, p_start) AS r(s, k, w)
-        ON b.scope = r.s AND b.kind = r.k AND b.window_start = r.w;
 END
 $fn$
 """
+_ADMIT_CALL = "SELECT * FROM meterproxy_admit(" + ", ".join(f"${i}" for i in range(1, 21)) + ")"
+_ADMIT_BATCH = 500  # admissions per round trip, at most
+
+
+@dataclass(frozen=True, slots=True)
+class _AdmitRequest:
+    agent: str
+    changes: list[CounterChange]  # in key order
+    intent: str | None
+    lease: str | None
+    amount: int
+    loop: tuple[str, str, float, int | None] | None
+    now: float
 
 
 def _record_function() -> str:
@@ -175,7 +222,8 @@ def _record_function() -> str:
     return f"""
 CREATE OR REPLACE FUNCTION meterproxy_record({params},
     p_spend_id text[], p_scope text[], p_kind text[], p_start float8[], p_end float8[],
-    p_cost int8[]) RETURNS int LANGUAGE plpgsql AS $fn$
+    p_cost int8[]) RETURNS int LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan
+AS $fn$
 DECLARE
     v_seqs bigint[];
     v_ids text[];
@@ -266,6 +314,8 @@ class PostgresStorage(Storage):
         self._pool: asyncpg.Pool | None = None
         # Which replica's leases are whose (set by the shared enforcer).
         self.replica = "replica"
+        self._admissions: list[tuple[_AdmitRequest, asyncio.Future[Admission]]] = []
+        self._admitting = False
         # The counters a call's cost goes to, from (agent, intent, started_at): set by the
         # shared enforcer, which knows the calendar. None: budgets are not kept here.
         self.spend_keys: Callable[[str, str | None, float], Sequence[CounterKey]] | None = None
@@ -418,26 +468,85 @@ class PostgresStorage(Storage):
         loop: tuple[str, str, float, int | None] | None,
         now: float,
     ) -> Admission:
-        """Check and reserve in one statement (one round trip, no client transaction)."""
+        """Check and reserve atomically. Admissions that arrive while a batch is at the
+        database go together in the next one: one round trip for all of them."""
         ordered = sorted(changes, key=lambda c: _key_order(c.key))
-        keys = [c.key for c in ordered]
-        lease_keys = [c.key for c in ordered if c.add_reserved]
-        loop_intent, digest, since, loop_max = loop if loop is not None else (None, None, 0, None)
-        args = (
-            agent, now, lease[0] if lease and lease_keys else None, self.replica,
-            lease[1] if lease else 0, _dump(lease_keys), *_keys(keys),
-            [c.add_used for c in ordered], [c.add_reserved for c in ordered],
-            [c.cap for c in ordered], [c.new_only for c in ordered], intent,
-            loop_intent, digest, since, loop_max,
+        reserving = any(c.add_reserved for c in ordered)
+        request = _AdmitRequest(
+            agent, ordered, intent, lease[0] if lease and reserving else None,
+            lease[1] if lease else 0, loop, now,
         )  # fmt: skip
-        rows = await self._statement(_ADMIT_CALL, *args)
-        head = rows[0]
-        by_key = {(k.scope, k.kind, k.start): k for k in keys}
-        return Admission(
-            ok=head[0], new_intent=head[1], paused=head[2], paused_reason=head[3],
-            loop_seen=head[4],
-            counters={by_key[(r[5], r[6], r[7])]: (int(r[8]), int(r[9])) for r in rows[1:]},
-        )  # fmt: skip
+        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._admissions.append((request, future))
+        if not self._admitting:
+            self._admitting = True
+            task = asyncio.ensure_future(self._admit_batches())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(future)
+
+    async def _admit_batches(self) -> None:
+        try:
+            while self._admissions:
+                batch = self._admissions[:_ADMIT_BATCH]
+                del self._admissions[: len(batch)]
+                try:
+                    outcomes = await self._admit_batch([request for request, _ in batch])
+                except BaseException as e:  # each caller gets it (StorageUnavailable...)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    if not isinstance(e, Exception):
+                        raise
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            self._admitting = False
+
+    async def _admit_batch(self, batch: list[_AdmitRequest]) -> list[Admission]:
+        a: tuple[list[Any], ...] = tuple([] for _ in range(9))
+        c: tuple[list[Any], ...] = tuple([] for _ in range(9))
+        for i, r in enumerate(batch, 1):
+            loop_intent, digest, since, loop_max = r.loop or (None, None, 0.0, None)
+            lease_keys = [ch.key for ch in r.changes if ch.add_reserved]
+            for column, value in zip(a, (
+                r.agent, r.lease, r.amount, _dump(lease_keys), r.intent,
+                loop_intent, digest, since, loop_max,
+            ), strict=True):  # fmt: skip
+                column.append(value)
+            for ch in r.changes:
+                k = ch.key
+                for column, value in zip(c, (
+                    i, k.scope, k.kind, k.start, k.end, ch.add_used, ch.add_reserved, ch.cap,
+                    ch.new_only,
+                ), strict=True):  # fmt: skip
+                    column.append(value)
+        nows = [r.now for r in batch]
+        rows = await self._statement(_ADMIT_CALL, self.replica, nows, *a, *c)
+        heads: dict[int, asyncpg.Record] = {}
+        counters: dict[int, dict[CounterKey, tuple[int, int]]] = {}
+        keys = [{(ch.key.scope, ch.key.kind, ch.key.start): ch.key for ch in r.changes}
+                for r in batch]  # fmt: skip
+        for row in rows:
+            i = row[0]
+            if row[6] is None:
+                heads[i] = row
+            else:
+                key = keys[i - 1][(row[6], row[7], row[8])]
+                counters.setdefault(i, {})[key] = (int(row[9]), int(row[10]))
+        return [
+            Admission(
+                ok=heads[i][1],
+                new_intent=heads[i][2],
+                paused=heads[i][3],
+                paused_reason=heads[i][4],
+                loop_seen=heads[i][5],
+                counters=counters.get(i, {}),
+            )
+            for i in range(1, len(batch) + 1)
+        ]
 
     async def budget_admit(
         self,
