@@ -21,8 +21,12 @@ from tests.reliability.proc import ADMIN, ProxyProcess
 
 HI = [{"role": "user", "content": "hi"}]
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-LIMIT_USD = "0.005"  # one replica on its own would admit 4 of these calls
+# Each call reserves $0.0017425 (its prompt and output cap at the dearest tier, priority)
+# and costs $0.0010225. Two reservations fit in $0.004 at once. Two replicas that did not
+# share would admit two each, and spend $0.00409: over the limit.
+LIMIT_USD = "0.004"
 CALL_PICO = 1_022_500_000  # 9 prompt tokens at $2.50/1M + 100 output tokens at $10/1M
+RESERVED_PICO = 1_742_500_000  # 10 prompt tokens at $4.25/1M + 100 at $17/1M (priority)
 BUDGETS = {"agents": {"research-agent": {"max_cost_per_day_usd": float(LIMIT_USD)}}}
 
 
@@ -75,7 +79,9 @@ async def test_two_replicas_hold_one_budget_and_one_pause(
         ledger = await rows(pg_url)
         assert len(ledger) == 200  # one row per call, whichever replica answered it
         spent = sum(r["cost_pico"] for r in ledger)
-        assert admitted >= 1 and spent == admitted * CALL_PICO
+        # Two fit at once; a third only once two have settled at their real cost.
+        assert {r["reserved_pico"] for r in ledger if not r["refused"]} == {RESERVED_PICO}
+        assert 2 <= admitted <= 3 and spent == admitted * CALL_PICO
         assert spent <= int(float(LIMIT_USD) * 10**12)  # the guarantee, across replicas
         assert len(upstream.requests) == admitted
         assert await fetch(pg_url, "SELECT COUNT(*) FROM reservations") == [(0,)]
