@@ -1,7 +1,7 @@
 """Report query time on a big ledger: `python -m bench.report_query [--rows 1000000]`.
 
 Builds a SQLite ledger of N call rows (30 days, 20 agents, 6 models, intents of ~20 calls)
-through the real storage layer (its triggers keep the rollups), then times the reports the
+through the real storage layer (which keeps the rollups), then times the reports the
 dashboard and `meterproxy report` run. The ledger is cached in --db between runs.
 """
 
