@@ -1,12 +1,14 @@
 """Budgets shared by several replicas: the counters live in PostgreSQL.
 
-The decision is the in-memory enforcer's own code, run on a state built from the counters
-one admission locks in the database; the counters it changed, the call's reservation (a
-lease named by its ledger id) and any pause are written in the same transaction. So
-check-and-reserve is one atomic step across every replica, and the guarantee of a `block`
-limit holds with any number of them. The call's ledger row, when it commits, adds the cost
-to the counters and releases the lease (see `PostgresStorage.write_calls`): a call's spend
-is counted exactly when its row is, and a row replayed from a spool is counted once.
+The policies that apply to a call become, per counter, what admitting it adds and the cap
+its block and pause limits allow (`_changes`); the database checks every cap and reserves
+on all counters or on none, atomically across replicas (`meterproxy_admit`). The same pure
+decision as in one process then runs here on the values the database saw, for the exact
+refusal message, alert events and a breach's pause: both read the same numbers, so they
+agree. The call's reservation is a lease named by its ledger id; the row, when it commits,
+adds the cost to the counters and releases the lease (see `PostgresStorage.write_calls`):
+a call's spend is counted exactly when its row is, and a row replayed from a spool is
+counted once.
 
 Only counters some limit reads are locked at admission: an agent under no limit costs one
 read (is it paused?) and contends on nothing. A replica's leases are released by the
@@ -27,7 +29,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import orjson
 
@@ -38,10 +40,7 @@ from proxy.money import usd_exact
 from proxy.schema import FieldError
 from proxy.storage import Storage
 from proxy.storage.base import BudgetView, CounterKey, StorageUnavailable
-from proxy.storage.postgres import CounterChange
-
-if TYPE_CHECKING:
-    from proxy.storage.postgres import PostgresStorage
+from proxy.storage.postgres import CounterChange, PostgresStorage
 
 log = logging.getLogger("meterproxy.budgets")
 UNAVAILABLE_CODE = "meter_unavailable"
@@ -72,7 +71,7 @@ class SharedEnforcer(Enforcer):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(calendar, policies, bus, storage, thresholds)
-        self.db = cast("PostgresStorage", storage)
+        self.db = cast(PostgresStorage, storage)
         self.on_error = on_error
         self.clock = clock
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
