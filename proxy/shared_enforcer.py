@@ -84,22 +84,6 @@ class SharedEnforcer(Enforcer):
 
     # -- which counters ----------------------------------------------------------------
 
-    def _locked_keys(self, agent: str, intent: str | None, now: float) -> list[CounterKey]:
-        """The counters some applicable limit reads: locked for the admission."""
-        cal = self.calendar
-        keys: list[CounterKey] = []
-        for scope, _, policy in self._policies(agent):
-            name = f"agent:{agent}" if scope == "agent" else "global"
-            for window in policy.cost:
-                keys.append(CounterKey(name, f"cost:{window}", *cal.window(window, now)))
-            if policy.requests_per_minute is not None:
-                keys.append(CounterKey(name, "requests:minute", *cal.window("minute", now)))
-            for window in policy.intents:
-                keys.append(CounterKey(name, f"intents:{window}", *cal.window(window, now)))
-            if intent is not None and (policy.intents or policy.cost_per_intent is not None):
-                keys.append(_intent_key(intent))
-        return keys
-
     def spend_keys(self, agent: str, intent: str | None, started: float) -> list[CounterKey]:
         """Every counter a call's cost goes to, limited or not (views show them all)."""
         cal = self.calendar
@@ -133,52 +117,14 @@ class SharedEnforcer(Enforcer):
             st.loops[(agent, intent or "", digest)] = deque([now] * view.loop_seen)
         return st
 
-    @staticmethod
-    def _write_back(st: BudgetState, view: BudgetView, intent: str | None) -> None:
-        for scope in (st.global_scope, *st.agents.values()):
-            for table in (scope.cost, scope.requests, scope.intents):
-                for counter in table.values():
-                    if counter.key in view.counters:
-                        view.counters[counter.key] = [counter.used, counter.reserved]
-        if intent is not None:
-            key = _intent_key(intent)
-            state = st.intents.get(intent)
-            if key in view.counters and state is not None:
-                view.counters[key] = [state.used, state.reserved]
-
     def _emit(self, event: events.Event) -> None:
         capture = self._capture
         if capture is not None:
-            capture.append(event)  # sent once the transaction has committed
+            capture.append(event)  # sent once the decision stands (see _admit_limited)
         else:
             self.bus.emit(event)
 
     _capture: list[events.Event] | None = None
-
-    async def _decided(
-        self,
-        keys: list[CounterKey],
-        agent: str,
-        loop: tuple[str, str, str, float] | None,
-        now: float,
-        decide: Callable[[BudgetView], Any],
-    ) -> Any:
-        """Run `decide` on the locked counters; its events go out after the commit (a
-        transaction retried after a deadlock must not announce anything twice)."""
-        captured: list[events.Event] = []
-
-        def run(view: BudgetView) -> Any:
-            captured.clear()
-            self._capture = captured
-            try:
-                return decide(view)
-            finally:
-                self._capture = None
-
-        result = await self.db.budget_admit(keys, agent, loop, now, run)
-        for event in captured:
-            self.bus.emit(event)
-        return result
 
     # -- admission -------------------------------------------------------------------
 
@@ -318,18 +264,22 @@ class SharedEnforcer(Enforcer):
                 )  # fmt: skip
         if isinstance(result, Ticket) and worst_case:
             result.lease = lease
-        if not outcome.paused and agent in st.paused:  # a pause limit was breached
-            await self.db.set_paused(agent, True, st.paused[agent], now)
-            self.paused[agent] = st.paused[agent]
+        await self._persist_breach_pause(st, view, agent, now)
         for event in captured:
             self.bus.emit(event)
         self._mirror(view, agent, intent, now)
         return result
 
+    async def _persist_breach_pause(
+        self, st: BudgetState, view: BudgetView, agent: str, now: float
+    ) -> None:
+        """A `pause` limit breached in the decision on `st`: the pause goes to the database."""
+        if agent in st.paused and not view.paused:
+            self.paused[agent] = st.paused[agent]
+            await self.persist_pause(agent, now)
+
     def _mirror(self, view: BudgetView, agent: str, intent: str | None, now: float) -> None:
         """What an admission saw, into the local view (status, thresholds) at once."""
-        if view.pause_reason is not None:
-            self.paused[agent] = view.pause_reason
         if intent is not None:
             counter = view.counters.get(_intent_key(intent))
             if counter is not None:
@@ -400,38 +350,25 @@ class SharedEnforcer(Enforcer):
         self._crossings(agent, intent, now)
 
     async def standing(self, agent: str, intent: str | None, now: float) -> Refusal | None:
-        keys = self._locked_keys(agent, intent, now)
-
-        views: list[BudgetView] = []
-
-        def decide(view: BudgetView) -> Refusal | None:
-            views[:] = [view]
-            st = self._state_from(view, agent, intent, None, now)
-            result = self._standing(st, agent, intent, now)
-            if agent in st.paused and not view.paused:
-                view.pause_reason = st.paused[agent] or "paused"
-            return result
-
+        keys = [change.key for change in self._changes(agent, intent, 0, now)]
         try:
-            result: Refusal | None = await self._decided(keys, agent, None, now, decide)
+            view = await self.db.budget_view(keys, agent)
         except StorageUnavailable as e:
             offline = self._offline(agent, intent, e)
             if isinstance(offline, Ticket):
                 self.outstanding -= 1
                 return None
             return offline
-        self._mirror(views[0], agent, intent, now)
+        st = self._state_from(view, agent, intent, None, now)
+        result = self._standing(st, agent, intent, now)
+        await self._persist_breach_pause(st, view, agent, now)
+        self._mirror(view, agent, intent, now)
         return result
 
-    # -- pause and resume go to the database at once (every admission reads it) ----------
+    # -- pauses go to the database at once (every admission reads them) ----------------
 
     async def persist_pause(self, agent: str, now: float) -> None:
-        return None  # a breach's pause is written in the admission's own transaction
-
-    async def pause(self, agent: str, reason: str | None, now: float) -> None:
-        await self.db.set_paused(agent, True, reason, now)
-        self.paused[agent] = reason
-        self.bus.emit(events.Event(events.PAUSED, f"agent '{agent}' paused: {reason}", now, agent))
+        await self.db.set_paused(agent, True, self.paused.get(agent), now)
 
     # -- the local view, for status, metrics and thresholds; upkeep ---------------------
 

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.records import CallRecord
 from proxy.storage import Storage, open_storage
-from proxy.storage.base import BudgetView, CounterKey
+from proxy.storage.base import CounterKey
 from proxy.storage.migrations import MIGRATIONS
 
 T0 = 1_795_000_000.0
@@ -80,21 +80,17 @@ async def test_pauses_and_api_policies_persist(storage: Storage) -> None:
 
 
 async def test_shared_counters_reserve_then_the_row_settles_once(pg_url: str) -> None:
-    from proxy.storage.postgres import PostgresStorage
+    from proxy.storage.postgres import CounterChange, PostgresStorage
 
     s = await open_storage(pg_url)
     assert isinstance(s, PostgresStorage)
     day = CounterKey("agent:a", "cost:day", T0 - 100, T0 + 86_300)
     s.spend_keys = lambda agent, intent, started: [day]
-
-    def reserve(view: BudgetView) -> bool:
-        assert view.new_keys == {day} and view.counters[day] == [0, 0]
-        view.counters[day][1] += 5_000
-        view.lease = ("req_1", 5_000, [day])
-        return True
+    reserve = CounterChange(day, add_used=0, add_reserved=5_000, cap=10_000)
 
     try:
-        assert await s.budget_admit([day], "a", None, T0, reserve) is True
+        outcome = await s.admit_counters("a", [reserve], None, ("req_1", 5_000), None, T0)
+        assert outcome.ok and outcome.counters == {day: (0, 5_000)}
         assert await s.fetch("SELECT used, reserved FROM budget_counters") == [(0, 5_000)]
         await s.write_calls([record(1, cost=1_234)])
         await s.write_calls([record(1, cost=1_234)])  # replayed: neither counted nor released

@@ -45,17 +45,14 @@ class CounterKey:
 
 @dataclass
 class BudgetView:
-    """What one shared admission sees, with the counters locked; `decide` may change the
-    counters' values and ask for a pause, a lease and a loop-guard hit to be stored."""
+    """Shared budget state as one decision sees it: the counters it reads, the agent's
+    pause, and (for an admission) which counters it created and the loop guard's count."""
 
-    counters: dict[CounterKey, list[int]]  # [used, reserved], changed in place
+    counters: dict[CounterKey, list[int]]  # [used, reserved]
     paused: bool
     paused_reason: str | None
     new_keys: set[CounterKey]  # counters that did not exist before this admission
     loop_seen: int  # identical requests already in the loop guard's window
-    pause_reason: str | None = None  # out: pause the agent with this reason
-    lease: tuple[str, int, list[CounterKey]] | None = None  # out: (id, amount, counters)
-    loop_hit: tuple[str, str, str] | None = None  # out: (agent, intent, digest) to record
 
 
 @dataclass(slots=True)

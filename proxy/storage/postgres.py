@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
@@ -33,7 +33,6 @@ from proxy.storage.base import (
 from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.pg_functions import ADMIT_CALL, ADMIT_FUNCTION, RECORD_CALL, record_function
 
-T = TypeVar("T")
 _LOCK_MIGRATIONS = 7_361_220_001  # pg_advisory_xact_lock key: one replica migrates at a time
 _RETRIES = 5  # a transaction that lost a deadlock (or a serialization race) runs again
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
@@ -154,14 +153,20 @@ class PostgresStorage(Storage):
             raise StorageError(f"{redact(self.url)}: the database is not open")
         return self._pool
 
-    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-        """Run `work(connection)` in a transaction; unreachable-database errors become
+    async def _run(
+        self, work: Callable[[asyncpg.Connection], Awaitable[Any]], *, transaction: bool = True
+    ) -> Any:
+        """Run `work(connection)`, in a transaction unless it is one statement (which is
+        its own, with no BEGIN/COMMIT round trips). Unreachable-database errors become
         StorageUnavailable (the pool reconnects on the next call). `work` may run more
         than once: a transaction that lost a deadlock is run again."""
         for attempt in range(_RETRIES):
             try:
-                async with self._p().acquire(timeout=10) as conn, conn.transaction():
-                    return await work(conn)
+                async with self._p().acquire(timeout=10) as conn:
+                    if not transaction:
+                        return await work(conn)
+                    async with conn.transaction():
+                        return await work(conn)
             except _RETRYABLE:
                 if attempt == _RETRIES - 1:
                     raise
@@ -171,19 +176,11 @@ class PostgresStorage(Storage):
         raise AssertionError("unreachable")
 
     async def _statement(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        """One statement, one round trip, its own transaction (no BEGIN/COMMIT trips)."""
-        for attempt in range(_RETRIES):
-            try:
-                async with self._p().acquire(timeout=10) as conn:
-                    rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
-                    return rows
-            except _RETRYABLE:
-                if attempt == _RETRIES - 1:
-                    raise
-                await asyncio.sleep(0.001 * 2**attempt)
-            except _UNREACHABLE as e:
-                raise StorageUnavailable(f"{redact(self.url)}: {type(e).__name__}: {e}") from None
-        raise AssertionError("unreachable")
+        """One statement, one round trip, its own transaction."""
+        rows: list[asyncpg.Record] = await self._run(
+            lambda conn: conn.fetch(sql, *args), transaction=False
+        )
+        return rows
 
     async def ping(self) -> None:
         await self._run(lambda c: c.fetchval("SELECT 1"))
@@ -356,91 +353,18 @@ class PostgresStorage(Storage):
             for i in range(1, len(batch) + 1)
         ]
 
-    async def budget_admit(
-        self,
-        keys: Sequence[CounterKey],
-        agent: str,
-        loop: tuple[str, str, str, float] | None,
-        now: float,
-        decide: Callable[[BudgetView], T],
-    ) -> T:
-        ordered = sorted(set(keys), key=_key_order)
-
-        async def work(conn: asyncpg.Connection) -> T:
-            created = await conn.fetch(
-                "INSERT INTO budget_counters"
-                " (scope, kind, window_start, window_end, used, reserved) SELECT s, k, w, e, 0, 0"
-                " FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[])"
-                " AS t(s, k, w, e) ORDER BY s, k, w"
-                " ON CONFLICT DO NOTHING RETURNING scope, kind, window_start",
-                *_keys(ordered),
-            )
-            rows = await conn.fetch(
-                "SELECT scope, kind, window_start, window_end, used, reserved FROM budget_counters"
-                " WHERE (scope, kind, window_start) IN (SELECT * FROM unnest($1::text[],"
-                " $2::text[], $3::float8[])) ORDER BY scope, kind, window_start FOR UPDATE",
-                *_keys(ordered)[:3],
-            )
-            paused = await conn.fetchrow(
-                "SELECT reason FROM agent_state WHERE agent = $1 AND paused = 1", agent
-            )
-            seen = 0
-            if loop is not None:
-                a, i, digest, window = loop
-                seen = await conn.fetchval(
-                    "SELECT count(*) FROM loop_hits WHERE agent = $1 AND intent = $2"
-                    " AND digest = $3 AND at > $4",
-                    a, i, digest, now - window,
-                )  # fmt: skip
-            new = {(r[0], r[1], r[2]) for r in created}
-            for scope, kind, _ in new:
-                if scope.startswith("intent:"):
-                    # An intent first seen by the counters (or pruned from them) may have
-                    # older calls in the ledger: its lifetime spend starts from theirs.
-                    await conn.execute(
-                        "UPDATE budget_counters SET used = COALESCE((SELECT cost_pico FROM"
-                        " intents WHERE intent = $2), 0) WHERE scope = $1 AND kind = $3",
-                        scope, scope[len("intent:"):], kind,
-                    )  # fmt: skip
-            view = BudgetView(
-                counters={CounterKey(r[0], r[1], r[2], r[3]): [r[4], r[5]] for r in rows},
-                paused=paused is not None,
-                paused_reason=paused[0] if paused is not None else None,
-                new_keys={k for k in ordered if (k.scope, k.kind, k.start) in new},
-                loop_seen=int(seen),
-            )
-            before = {k: tuple(v) for k, v in view.counters.items()}
-            result = decide(view)
-            changed = [k for k, v in view.counters.items() if tuple(v) != before[k]]
-            if changed:
-                await conn.executemany(
-                    "UPDATE budget_counters SET used = $4, reserved = $5"
-                    " WHERE scope = $1 AND kind = $2 AND window_start = $3",
-                    [(k.scope, k.kind, k.start, *view.counters[k]) for k in changed],
-                )
-            if view.lease is not None:
-                lease, amount, counters = view.lease
-                await conn.execute(
-                    "INSERT INTO reservations (id, replica, created, amount, counters)"
-                    " VALUES ($1, $2, $3, $4, $5)",
-                    lease, self.replica, now, amount, _dump(counters),
-                )  # fmt: skip
-            if view.loop_hit is not None:
-                await conn.execute(
-                    "INSERT INTO loop_hits (agent, intent, digest, at) VALUES ($1, $2, $3, $4)",
-                    *view.loop_hit, now,
-                )  # fmt: skip
-            if view.pause_reason is not None:
-                await conn.execute(
-                    "INSERT INTO agent_state (agent, paused, reason, updated_at)"
-                    " VALUES ($1, 1, $2, $3) ON CONFLICT (agent) DO UPDATE SET paused = 1,"
-                    " reason = excluded.reason, updated_at = excluded.updated_at",
-                    agent, view.pause_reason, now,
-                )  # fmt: skip
-            return result
-
-        result: T = await self._run(work)
-        return result
+    async def budget_view(self, keys: Sequence[CounterKey], agent: str) -> BudgetView:
+        """The counters as they are, and the agent's pause: for a heartbeat's answer, which
+        reserves nothing (a counter that does not exist yet is simply absent)."""
+        rows = await self._statement(
+            "SELECT scope, kind, window_start, window_end, used, reserved FROM budget_counters"
+            " WHERE (scope, kind, window_start) IN (SELECT * FROM unnest($1::text[],"
+            " $2::text[], $3::float8[]))",
+            *_keys(keys)[:3],
+        )
+        paused, reason = await self.agent_paused(agent)
+        counters = {CounterKey(r[0], r[1], r[2], r[3]): [int(r[4]), int(r[5])] for r in rows}
+        return BudgetView(counters, paused, reason, set(), 0)
 
     async def budget_counters(self, now: float) -> list[tuple[CounterKey, int, int]]:
         rows = await self.fetch(
