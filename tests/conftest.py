@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestServer
 from proxy.app import Options, create_app, runner_options
 from proxy.config import Config, Upstream
 from proxy.services import SERVICES, Services
+from proxy.storage import Storage, open_storage
 from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,11 @@ class Proxy:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError("ledger did not flush")
+
+    async def rows(self) -> list[dict[str, Any]]:
+        """Every ledger row, once committed, oldest first."""
+        await self.flushed()
+        return list(reversed(await self.svc.storage.recent_calls(10_000)))
 
 
 @pytest.fixture
@@ -124,18 +130,9 @@ async def raw_request(proxy: Proxy, data: bytes, wait: float = 10.0) -> tuple[in
 
 @pytest.fixture(scope="session")
 def postgres() -> Any:
-    import os
+    from tests.pg import started_cluster
 
-    from tests.pg import TempPostgres, find_bindir
-
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("METERPROXY_REQUIRE_POSTGRES"):
-            raise RuntimeError("PostgreSQL binaries not found, and this run requires them")
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-    pg = TempPostgres(bindir)
-    pg.init()
-    pg.start()
+    pg = started_cluster()
     yield pg
     pg.destroy()
 
@@ -152,3 +149,11 @@ def db_url(request: Any, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def storage(db_url: str) -> AsyncIterator[Storage]:
+    """An opened, migrated ledger on each engine: the same tests, the same numbers."""
+    s = await open_storage(db_url)
+    yield s
+    await s.close()

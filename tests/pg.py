@@ -22,6 +22,22 @@ def find_bindir() -> Path | None:
     return Path(found).parent if found else None
 
 
+def started_cluster() -> TempPostgres:
+    """A throwaway cluster, initialised and running; the test is skipped when PostgreSQL
+    is not installed, unless the run requires it (.ci/run does)."""
+    import pytest
+
+    bindir = find_bindir()
+    if bindir is None:
+        if os.environ.get("METERPROXY_REQUIRE_POSTGRES"):
+            raise RuntimeError("PostgreSQL binaries not found, and this run requires them")
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    pg = TempPostgres(bindir)
+    pg.init()
+    pg.start()
+    return pg
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

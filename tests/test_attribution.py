@@ -13,8 +13,7 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 async def agents_of(proxy: Proxy) -> list[tuple[str, str | None]]:
-    await proxy.flushed()
-    return [(r["agent"], r["intent"]) for r in reversed(await proxy.svc.storage.recent_calls(100))]
+    return [(r["agent"], r["intent"]) for r in await proxy.rows()]
 
 
 async def test_header_path_prefix_and_default(proxy: Proxy) -> None:

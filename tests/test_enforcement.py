@@ -39,11 +39,6 @@ def sdk(proxy: Proxy, agent: str = "research-agent", **kw: Any) -> openai.AsyncO
     return openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/{agent}/v1", api_key="sk-x", **kw)
 
 
-async def ledger(proxy: Proxy) -> list[dict[str, Any]]:
-    await proxy.flushed()
-    return list(reversed(await proxy.svc.storage.recent_calls(10_000)))
-
-
 async def test_refusal_as_the_openai_sdk_sees_it(make_proxy: ProxyFactory, fake: Any,
                                                  clock: FakeClock) -> None:  # fmt: skip
     upstream, _ = fake
@@ -72,7 +67,7 @@ async def test_refusal_as_the_openai_sdk_sees_it(make_proxy: ProxyFactory, fake:
     )
     assert "but only $0.0010 remains; resets at" in body["message"]
     assert upstream.requests == []
-    rows = await ledger(proxy)
+    rows = await proxy.rows()
     assert len(rows) == 1  # asked once: the SDK did not retry
     assert (rows[0]["status"], rows[0]["refused"], rows[0]["cost_pico"]) == (429, 1, 0)
 
@@ -116,7 +111,7 @@ async def test_concurrent_calls_never_exceed_a_block_limit(
             return "refused"
 
     results = await asyncio.gather(*(one(i) for i in range(200)))
-    rows = await ledger(proxy)
+    rows = await proxy.rows()
     assert len(rows) == 200
     spent = sum(r["cost_pico"] for r in rows)
     limit_pico = int(float(limit) * 10**12 + 0.5)
@@ -219,7 +214,7 @@ async def test_heartbeat_counts_toward_the_budget(make_proxy: ProxyFactory) -> N
         await sdk(proxy, "reporter", max_retries=0).chat.completions.create(
             model="gpt-4o", messages=HI
         )
-    rows = await ledger(proxy)
+    rows = await proxy.rows()
     reported = [r for r in rows if r["usage_source"] == "reported"]
     assert [(r["cost_pico"], r["llm_calls"], r["input_tokens"]) for r in reported] == [
         (30_000_000_000, 4, 2100), (30_000_000_000, 4, 2100),

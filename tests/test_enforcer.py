@@ -19,6 +19,7 @@ from proxy.records import CallRecord
 from proxy.schema import Section
 from proxy.shared_enforcer import SharedEnforcer
 from proxy.storage import Storage, open_storage
+from tests.records import call_record
 
 USD = 10**12
 TZ = "Europe/Berlin"
@@ -68,14 +69,8 @@ async def admit(e: Enforcer, agent: str = "a", cost: int = 0, now: float = NOON,
 
 def row(call_id: str, agent: str, intent: str | None, at: float, cost: int,
         source: str = "provider") -> CallRecord:  # fmt: skip
-    return CallRecord(
-        id=call_id, started_at=at, ended_at=at, agent=agent, intent=intent, upstream="u",
-        endpoint="chat/completions", method="POST", model_requested="m", model_served="m",
-        model_priced="m", status=200, stream=False, input_tokens=1, cached_input_tokens=0,
-        output_tokens=1, reasoning_tokens=0, cache_write_tokens=0, cost_pico=cost,
-        usage_source=source, service_tier=None, price_version=None, latency_ms=1.0,
-        ttfb_ms=None, error=None, llm_calls=1, refused=False, reserved_pico=0,
-    )  # fmt: skip
+    return call_record(call_id, at, agent=agent, intent=intent, cost_pico=cost,
+                       usage_source=source)  # fmt: skip
 
 
 async def settle(e: Enforcer, t: Ticket | Refusal, cost: int, now: float = NOON) -> None:

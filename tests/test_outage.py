@@ -9,7 +9,6 @@ reaches the shared counters once, and the proxy reconnects by itself.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ import pytest
 import yaml
 
 from proxy.config import Config, parse_config
-from proxy.records import CallRecord
 from tests.conftest import Proxy, ProxyFactory
-from tests.pg import TempPostgres, find_bindir
+from tests.pg import TempPostgres, started_cluster
+from tests.records import call_record
 
 HI = [{"role": "user", "content": "hi"}]
 CALL_PICO = 1_022_500_000  # 9 prompt tokens at $2.50/1M + 100 output tokens at $10/1M
@@ -34,14 +33,7 @@ BUDGETS = "budgets:\n  agents:\n    capped: {max_cost_per_day_usd: 1}\n"
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[TempPostgres]:
     """A cluster of this module's own: its tests stop and start it."""
-    bindir = find_bindir()
-    if bindir is None:
-        if os.environ.get("METERPROXY_REQUIRE_POSTGRES"):
-            raise RuntimeError("PostgreSQL binaries not found, and this run requires them")
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-    pg = TempPostgres(bindir)
-    pg.init()
-    pg.start()
+    pg = started_cluster()
     yield pg
     pg.destroy()
 
@@ -173,16 +165,15 @@ async def test_a_spool_left_by_a_dead_replica_is_replayed_once(
     make_proxy: ProxyFactory, own_postgres: TempPostgres, tmp_path: Path
 ) -> None:
     proxy = await outage_proxy(make_proxy, own_postgres, "closed")
-    record = CallRecord(
-        id="req_left_behind", started_at=proxy.svc.clock(), ended_at=proxy.svc.clock(),
-        agent="free", intent=None, upstream="fake", endpoint="chat/completions",
-        method="POST", model_requested="gpt-4o", model_served="gpt-4o",
-        model_priced="gpt-4o", status=200, stream=False, input_tokens=9,
-        cached_input_tokens=0, output_tokens=100, reasoning_tokens=0, cache_write_tokens=0,
-        cost_pico=CALL_PICO, usage_source="provider", service_tier=None,
-        price_version=None, latency_ms=1.0, ttfb_ms=None, error=None, llm_calls=1,
-        refused=False, reserved_pico=0,
-    )  # fmt: skip
+    record = call_record(
+        "req_left_behind",
+        proxy.svc.clock(),
+        agent="free",
+        upstream="fake",
+        input_tokens=9,
+        output_tokens=100,
+        cost_pico=CALL_PICO,
+    )
     line = orjson.dumps(record.as_row()) + b"\n"
     # The same row twice (a replay interrupted after its commit), and a torn last line.
     write_spool_file(proxy.config.spool_dir, line + line + line[:20])

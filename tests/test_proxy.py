@@ -25,11 +25,6 @@ def client(proxy: Proxy, **headers: str) -> openai.AsyncOpenAI:
     )
 
 
-async def rows(proxy: Proxy) -> list[dict[str, Any]]:
-    await proxy.flushed()
-    return list(reversed(await proxy.svc.storage.recent_calls(1000)))
-
-
 async def test_async_sdk_non_streaming_exact_cost(proxy: Proxy, fake: Any) -> None:
     upstream, _ = fake
     upstream.script.update(prompt_tokens=1000, completion_tokens=200, cached_tokens=400)
@@ -38,7 +33,7 @@ async def test_async_sdk_non_streaming_exact_cost(proxy: Proxy, fake: Any) -> No
     assert completion.choices[0].message.content == "Hello"
     # gpt-4o: 600 * $2.50 + 400 * $1.25 + 200 * $10.00 per 1M = 1500 + 500 + 2000
     assert raw.headers["x-meter-cost-usd"] == "0.004"
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert row["id"] == raw.headers["x-meter-request-id"]
     assert (row["agent"], row["intent"], row["upstream"], row["endpoint"]) == (
         "research-agent", "ticket-42", "fake", "chat/completions",
@@ -72,7 +67,7 @@ async def test_sync_sdk_streaming_usage_injected_and_stripped(proxy: Proxy, fake
     assert all(c.usage is None for c in chunks)
     # ...but the provider was asked for it.
     assert upstream.requests[-1].json()["stream_options"] == {"include_usage": True}
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     # 20 * 2.50 + 10 * 10.00 = 150 per 1M
     assert (row["agent"], row["cost_pico"], row["usage_source"], row["stream"]) == (
         "sync-agent", 150_000_000, "provider", 1,
@@ -101,7 +96,7 @@ async def test_stream_with_usage_requested_gets_the_usage_chunk(proxy: Proxy, fa
     chunks = [c async for c in stream]
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 12
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     # gpt-4o-mini: 12 * 0.15 + 5 * 0.60 = 1.8 + 3.0 = 4.8 per 1M
     assert row["cost_pico"] == 4_800_000 and row["usage_source"] == "provider"
 
@@ -131,7 +126,7 @@ async def test_responses_api_streaming_and_not(proxy: Proxy, fake: Any) -> None:
     stream = await c.responses.create(model="gpt-5", input="Say hi", stream=True)
     events = [e async for e in stream]
     assert events[-1].type == "response.completed"
-    a, b = await rows(proxy)
+    a, b = await proxy.rows()
     # gpt-5: 1000 * 1.25 + 1000 * 0.125 + 300 * 10 = 1250 + 125 + 3000 = 4375 per 1M
     for row in (a, b):
         assert row["endpoint"] == "responses"
@@ -152,7 +147,7 @@ async def test_embeddings_and_legacy_completions(proxy: Proxy, fake: Any) -> Non
     assert emb.data[0].embedding == [0.1, 0.2, 0.3]
     completion = await c.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi")
     assert completion.choices[0].text == "Hello"
-    e, comp = await rows(proxy)
+    e, comp = await proxy.rows()
     assert (e["endpoint"], e["input_tokens"], e["cost_pico"]) == ("embeddings", 1000, 20_000_000)
     # gpt-3.5-turbo-instruct: 1000 * 1.50 + 5 * 2.00 = 1510 per 1M
     assert (comp["endpoint"], comp["cost_pico"]) == ("completions", 1_510_000_000)
@@ -164,7 +159,7 @@ async def test_reasoning_and_service_tier_priced(proxy: Proxy, fake: Any) -> Non
                            reasoning_tokens=300, service_tier="flex")  # fmt: skip
     completion = await client(proxy).chat.completions.create(model="o3", messages=HI)
     assert completion.usage is not None
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     # o3 flex: 600 * 1.00 + 400 * 0.25 + 500 * 4.00 = 600 + 100 + 2000 = 2700 per 1M
     assert (row["service_tier"], row["reasoning_tokens"], row["cost_pico"]) == (
         "flex", 300, 2_700_000_000,
@@ -178,7 +173,7 @@ async def test_estimated_usage_when_the_provider_sends_none(proxy: Proxy, fake: 
     await c.chat.completions.create(model="gpt-4o", messages=HI)
     stream = await c.chat.completions.create(model="gpt-4o", messages=HI, stream=True)
     assert len([x async for x in stream]) == 5
-    plain, streamed = await rows(proxy)
+    plain, streamed = await proxy.rows()
     # Prompt, cl100k: "user" 1 + "hi" 1 + 4 per message + 3 priming = 9 tokens.
     # Output: "Hello" is 1 token; "tok0 tok1 tok2 tok3 tok4 " is 11.
     assert (plain["usage_source"], plain["input_tokens"], plain["output_tokens"]) == (
@@ -201,7 +196,7 @@ async def test_upstream_errors_pass_through_unchanged(proxy: Proxy, fake: Any) -
             assert r.status == 429
             assert await r.json() == error
             assert r.headers["x-meter-cost-usd"] == "0"
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert (row["status"], row["cost_pico"], row["usage_source"], row["llm_calls"]) == (
         429, 0, "none", 1,
     )  # fmt: skip
@@ -220,7 +215,7 @@ async def test_unmetered_paths_are_forwarded_and_recorded(proxy: Proxy, fake: An
         assert await r.json() == {"echo": "/v1/files"}
     assert upstream.requests[-1].query == "purpose=batch"
     assert upstream.requests[-1].body == b"x" * 100_000
-    m, f = await rows(proxy)
+    m, f = await proxy.rows()
     assert (m["endpoint"], m["method"], m["cost_pico"], m["llm_calls"]) == ("models", "GET", 0, 0)
     assert (f["endpoint"], f["status"]) == ("files", 200)
 
@@ -271,7 +266,7 @@ async def test_routing_by_model_and_upstream_key(make_proxy: ProxyFactory, fake:
     assert len(other.requests) == 1 and len(upstream.requests) == 1
     assert other.requests[0].headers["Authorization"] == "Bearer sk-ant-upstream"
     assert upstream.requests[0].headers["Authorization"] == "Bearer sk-client-key"
-    claude, gpt = await rows(proxy)
+    claude, gpt = await proxy.rows()
     assert (claude["upstream"], gpt["upstream"]) == ("claude", "fake")
     # claude-sonnet-4-5: 12 * 3 + 5 * 15 = 111 per 1M
     assert claude["cost_pico"] == 111_000_000
@@ -282,7 +277,7 @@ async def test_unknown_model_allowed_and_recorded_unpriced(proxy: Proxy, caplog:
     raw = await c.chat.completions.with_raw_response.create(model="acme-9000", messages=HI)
     await c.chat.completions.create(model="acme-9000", messages=HI)
     assert raw.headers["x-meter-cost-usd"] == "unpriced"
-    a, b = await rows(proxy)
+    a, b = await proxy.rows()
     assert (
         a["cost_pico"] is None
         and b["cost_pico"] is None
@@ -303,5 +298,5 @@ async def test_unknown_model_blocked(make_proxy: ProxyFactory, fake: Any) -> Non
     assert error["code"] == "unknown_model" and error["type"] == "meterproxy_error"
     assert "acme-9000" in error["message"] and "pricing.yaml" in error["message"]
     assert upstream.requests == []
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert row["status"] == 400 and row["llm_calls"] == 0

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +13,7 @@ from proxy.budgets import Calendar
 from proxy.records import CallRecord
 from proxy.reports import ReportError, parse_time, spend_report
 from proxy.storage import Storage, open_storage
+from tests.records import call_record
 
 TZ = "America/New_York"
 
@@ -24,23 +24,12 @@ def at(text: str) -> float:
 
 def call(i: int, started: float, agent: str, cost: int | None, model: str = "gpt-4o",
          intent: str | None = None) -> CallRecord:  # fmt: skip
-    return CallRecord(
-        id=f"r{i}", started_at=started, ended_at=started + 1, agent=agent, intent=intent,
-        upstream="openai", endpoint="chat/completions", method="POST", model_requested=model,
-        model_served=model, model_priced=model if cost is not None else None, status=200,
-        stream=False, input_tokens=10, cached_input_tokens=0, output_tokens=5,
-        reasoning_tokens=0, cache_write_tokens=0, cost_pico=cost, usage_source="provider",
-        service_tier=None, price_version="v", latency_ms=1.0, ttfb_ms=1.0, error=None,
-        llm_calls=1, refused=False, reserved_pico=0,
+    return call_record(
+        f"r{i}", started, ended_at=started + 1, agent=agent, intent=intent,
+        model_requested=model, model_served=model,
+        model_priced=model if cost is not None else None, cost_pico=cost, price_version="v",
+        ttfb_ms=1.0,
     )  # fmt: skip
-
-
-@pytest.fixture
-async def storage(db_url: str) -> AsyncIterator[Storage]:
-    """On SQLite and on PostgreSQL: the same tests, the same numbers."""
-    s = await open_storage(db_url)
-    yield s
-    await s.close()
 
 
 async def test_day_windows_in_a_time_zone_and_exact_totals(storage: Storage) -> None:

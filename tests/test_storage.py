@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
-
-import pytest
 
 from proxy.records import CallRecord
 from proxy.storage import Storage, open_storage
 from proxy.storage.base import CounterKey
 from proxy.storage.migrations import MIGRATIONS
+from tests.records import call_record
 
 T0 = 1_795_000_000.0
 
 
 def record(i: int, cost: int | None = 1_000, intent: str | None = "task-1") -> CallRecord:
-    return CallRecord(
-        id=f"req_{i}", started_at=T0 + i, ended_at=T0 + i + 1, agent="a", intent=intent,
-        upstream="openai", endpoint="chat/completions", method="POST",
-        model_requested="gpt-4o", model_served="gpt-4o-2024-08-06", model_priced="gpt-4o",
-        status=200, stream=False, input_tokens=10, cached_input_tokens=2, output_tokens=5,
-        reasoning_tokens=0, cache_write_tokens=0, cost_pico=cost, usage_source="provider",
-        service_tier=None, price_version="v1", latency_ms=1.5, ttfb_ms=None, error=None,
-        llm_calls=1, refused=False, reserved_pico=0,
+    return call_record(
+        f"req_{i}", T0 + i, ended_at=T0 + i + 1, intent=intent,
+        model_served="gpt-4o-2024-08-06", cached_input_tokens=2, cost_pico=cost,
+        price_version="v1", latency_ms=1.5,
     )  # fmt: skip
-
-
-@pytest.fixture
-async def storage(db_url: str) -> AsyncIterator[Storage]:
-    s = await open_storage(db_url)
-    yield s
-    await s.close()
 
 
 async def test_the_same_named_migrations_once(storage: Storage) -> None:

@@ -19,11 +19,6 @@ from tests.conftest import Proxy, ProxyFactory, raw_request
 HI = [{"role": "user", "content": "hi"}]
 
 
-async def ledger(proxy: Proxy) -> list[dict[str, Any]]:
-    await proxy.flushed()
-    return list(reversed(await proxy.svc.storage.recent_calls(1000)))
-
-
 async def healthy(proxy: Proxy) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.post(
@@ -58,7 +53,7 @@ async def test_bad_bodies_get_openai_shaped_errors(
     assert payload["error"]["code"] == code
     assert payload["error"]["type"] == "meterproxy_error"
     assert upstream.requests == []
-    [row] = await ledger(proxy)
+    [row] = await proxy.rows()
     assert row["status"] == status
 
 
@@ -90,12 +85,12 @@ async def test_disconnected_and_cancelled_calls_leave_no_reservation(
         if (
             enforcer.outstanding == 0
             and proxy.svc.ledger.backlog == 0
-            and len(await ledger(proxy)) == 2
+            and len(await proxy.rows()) == 2
         ):
             break
         await asyncio.sleep(0.01)
     assert (enforcer.outstanding, enforcer.outstanding_pico) == (0, 0)
-    streamed, cancelled = await ledger(proxy)
+    streamed, cancelled = await proxy.rows()
     assert streamed["error"] == "cancelled: the client disconnected"
     # What had been generated when the client left: "tok0 tok1 " is 5 cl100k tokens.
     assert streamed["usage_source"] == "estimated" and streamed["output_tokens"] == 5
@@ -119,7 +114,7 @@ async def test_body_over_max_body_bytes_is_413(make_proxy: ProxyFactory, fake: A
             error = (await r.json())["error"]
     assert error["code"] == "request_too_large" and "4096 bytes" in error["message"]
     assert upstream.requests == []
-    [row] = await ledger(proxy)
+    [row] = await proxy.rows()
     assert row["status"] == 413
     await healthy(proxy)
 
@@ -187,5 +182,5 @@ async def test_sdk_timeout_mid_stream_is_a_disconnect(make_proxy: ProxyFactory, 
             break
         await asyncio.sleep(0.01)
     assert proxy.svc.enforcer.outstanding == 0
-    [row] = await ledger(proxy)
+    [row] = await proxy.rows()
     assert row["usage_source"] == "estimated" and row["status"] == 499

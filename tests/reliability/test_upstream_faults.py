@@ -18,11 +18,6 @@ HI = [{"role": "user", "content": "hi"}]
 BODY = {"model": "gpt-4o", "messages": HI}
 
 
-async def rows(proxy: Proxy) -> list[dict[str, Any]]:
-    await proxy.flushed()
-    return list(reversed(await proxy.svc.storage.recent_calls(100)))
-
-
 async def post(proxy: Proxy, body: dict[str, Any] = BODY, **headers: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/chat/completions", json=body, headers=headers) as r:
@@ -63,7 +58,7 @@ async def test_connection_refused_is_502(
     assert status == 502
     proxy_error(body, "upstream_unreachable")
     assert "upstream 'down' is unreachable" in body["error"]["message"]
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert (row["status"], row["upstream"], row["usage_source"], row["cost_pico"]) == (
         502,
         "down",
@@ -94,7 +89,7 @@ async def test_connect_timeout_is_504(make_proxy: ProxyFactory, fake: Any) -> No
         status, body = await post(proxy)
         assert status == 504
         proxy_error(body, "upstream_timeout")
-        [row] = await rows(proxy)
+        [row] = await proxy.rows()
         assert row["status"] == 504 and row["usage_source"] == "none"  # nothing reached it
         await still_serving(proxy, fake_url)
     finally:
@@ -112,7 +107,7 @@ async def test_read_timeout_is_504_and_tokens_are_estimated(
     status, body = await post(proxy)
     assert status == 504
     proxy_error(body, "upstream_timeout")
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     # The request went out: the provider may bill it, so the row is not left at zero.
     assert (row["status"], row["usage_source"], row["input_tokens"]) == (504, "estimated", 9)
     assert row["cost_pico"] == 9 * 2_500_000
@@ -127,7 +122,7 @@ async def test_body_that_is_not_json(proxy: Proxy, fake: Any) -> None:
         async with s.post(proxy.url + "/v1/chat/completions", json=BODY) as r:
             assert r.status == 200
             assert await r.text() == "<html>bad gateway</html>"  # passed through as it came
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert (row["usage_source"], row["error"]) == ("estimated", "upstream body is not JSON")
     assert row["input_tokens"] == 9 and row["output_tokens"] > 0
 
@@ -141,7 +136,7 @@ async def test_nonsense_usage_is_estimated_not_trusted(proxy: Proxy, fake: Any) 
         upstream.script.update(usage=usage)
         status, _ = await post(proxy)
         assert status == 200
-    a, b = await rows(proxy)
+    a, b = await proxy.rows()
     for row in (a, b):
         assert row["usage_source"] == "estimated" and row["input_tokens"] == 9
         assert row["error"].startswith("invalid provider usage")
@@ -158,7 +153,7 @@ async def test_stream_cut_midway(proxy: Proxy, fake: Any) -> None:
                 async for chunk in r.content.iter_any():
                     received += chunk
     assert received.count(b"data: ") == 3 and b"[DONE]" not in received
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert row["usage_source"] == "estimated" and row["output_tokens"] > 0
     assert row["error"].startswith("upstream stream cut")
 
@@ -171,7 +166,7 @@ async def test_stream_that_stalls(make_proxy: ProxyFactory, fake: Any) -> None:
         async with s.post(proxy.url + "/v1/chat/completions", json={**BODY, "stream": True}) as r:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await r.read()
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert row["error"] == "upstream stream idle for more than 0.3s"
     assert row["usage_source"] == "estimated"
     for _ in range(100):
@@ -197,5 +192,5 @@ async def test_upstream_errors_reach_the_client_unchanged(
     upstream.script.update(status=status, error_body=error)
     got_status, body = await post(proxy)
     assert (got_status, body) == (status, error)
-    [row] = await rows(proxy)
+    [row] = await proxy.rows()
     assert row["status"] == status and row["error"] == f"upstream {status}: provider says {status}"
