@@ -80,7 +80,6 @@ class SharedEnforcer(Enforcer):
         self.database_down = False
         self._retry_at = 0.0  # monotonic: before it, do not try the database
         self._claims: set[asyncio.Future[None]] = set()
-        self._lease_ids = iter(range(1, 1 << 62))
 
     # -- which counters ----------------------------------------------------------------
 
@@ -143,8 +142,11 @@ class SharedEnforcer(Enforcer):
         if guard is None:
             digest = None
         changes = self._changes(agent, intent, worst_case, now)
-        # The lease is named by the call's ledger id: the row's commit releases it.
-        lease = call_id or f"{self.replica}:{next(self._lease_ids)}"
+        # The lease is named by the call's ledger id: the row's commit releases it. A lease
+        # under any other name would never be released while this replica lives.
+        if call_id is None:
+            raise ValueError("shared budgets need the call's ledger id (call_id)")
+        lease = call_id
         try:
             if not changes and digest is None:
                 result = await self._admit_unlimited(agent, intent, worst_case)
