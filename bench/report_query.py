@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.budgets import Calendar
+
 from proxy.records import CallRecord
 from proxy.reports import Report, spend_report
 from proxy.storage import open_storage

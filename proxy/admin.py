@@ -15,15 +15,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.budgets import COST_WINDOWS, INTENT_COST_LIMIT, validate_policy_json
+from proxy.admission import intent_key
+from proxy.budget_views import known_agents, status
 from proxy.errors import UNAVAILABLE_ERROR, ProxyFault
 from proxy.heartbeat import heartbeat
 from proxy.ids import IdError, validate_id
 from proxy.money import usd_exact
+from proxy.policy import COST_WINDOWS, INTENT_COST_LIMIT, validate_policy_json
 from proxy.reports import ReportError, parse_time, spend_report
 from proxy.schema import FieldError
 from proxy.services import SERVICES, Services
-from proxy.storage.base import StorageUnavailable
+from proxy.storage.base import IntentRow, StorageUnavailable
 
 log = logging.getLogger("meterproxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -98,11 +100,6 @@ async def _body(request: web.Request, *, optional: bool = False) -> Any:
         ) from None
 
 
-def known_agents(svc: Services) -> list[str]:
-    names = set(svc.enforcer.agents) | svc.enforcer.policies.names() | set(svc.enforcer.paused)
-    return sorted(names)
-
-
 @admin
 async def list_agents(request: web.Request, svc: Services) -> web.StreamResponse:
     now = svc.clock()
@@ -116,14 +113,14 @@ async def list_agents(request: web.Request, svc: Services) -> web.StreamResponse
             "timezone": cal.tz_name,
             "windows": windows,
             "reserved_usd": usd_exact(svc.enforcer.outstanding_pico),
-            "agents": [svc.enforcer.status(a, now) for a in known_agents(svc)],
+            "agents": [status(svc.enforcer, a, now) for a in known_agents(svc.enforcer)],
         }
     )
 
 
 @admin
 async def get_agent(request: web.Request, svc: Services) -> web.StreamResponse:
-    return json_response(svc.enforcer.status(_agent(request), svc.clock()))
+    return json_response(status(svc.enforcer, _agent(request), svc.clock()))
 
 
 @admin
@@ -141,7 +138,7 @@ async def put_policy(request: web.Request, svc: Services) -> web.StreamResponse:
     enforcer = svc.enforcer
     enforcer.policies = enforcer.policies.with_api({**enforcer.policies.api, agent: policy})
     log.info("admin: policy of agent '%s' set through the API: %s", agent, policy.source)
-    return json_response(enforcer.status(agent, now))
+    return json_response(status(enforcer, agent, now))
 
 
 @admin
@@ -156,7 +153,7 @@ async def delete_policy(request: web.Request, svc: Services) -> web.StreamRespon
         )
     svc.enforcer.policies = svc.enforcer.policies.with_api(api)
     log.info("admin: API policy of agent '%s' removed; the config's applies again", agent)
-    return json_response(svc.enforcer.status(agent, svc.clock()))
+    return json_response(status(svc.enforcer, agent, svc.clock()))
 
 
 @admin
@@ -171,7 +168,7 @@ async def pause_agent(request: web.Request, svc: Services) -> web.StreamResponse
     now = svc.clock()
     await svc.enforcer.pause(agent, reason or "paused through the admin API", now)
     log.warning("admin: agent '%s' paused (%s)", agent, reason or "no reason given")
-    return json_response(svc.enforcer.status(agent, now))
+    return json_response(status(svc.enforcer, agent, now))
 
 
 @admin
@@ -180,31 +177,53 @@ async def resume_agent(request: web.Request, svc: Services) -> web.StreamRespons
     now = svc.clock()
     was_paused = await svc.enforcer.resume(agent, now)
     log.warning("admin: agent '%s' resumed%s", agent, "" if was_paused else " (was not paused)")
-    return json_response(svc.enforcer.status(agent, now))
+    return json_response(status(svc.enforcer, agent, now))
 
 
 @admin
 async def get_intent(request: web.Request, svc: Services) -> web.StreamResponse:
+    """An intent's lifetime spend and limits. Intents live in their agent's lane: when
+    several agents used one id, say which with ?agent= (or /meter/agents/{a}/intents/{i})."""
     intent = request.match_info["intent"]
+    agent = request.match_info.get("agent") or request.query.get("agent") or None
     await svc.storage.sync_rollups()
-    row = await svc.storage.intent(intent)
-    state = svc.enforcer.intents.get(intent)
-    if row is None and state is None:
+    rows = await svc.storage.intents_named(intent, agent)
+    if not rows and agent is not None and svc.enforcer.store.holds(intent_key(agent, intent)):
+        return json_response(_intent_view(svc, agent, intent, None))  # not committed yet
+    if not rows:
         raise ProxyFault(
-            404, "unknown_intent", f"meterproxy: no calls recorded for intent '{intent}'"
+            404,
+            "unknown_intent",
+            f"meterproxy: no calls recorded for intent '{intent}'"
+            + (f" of agent '{agent}'" if agent else ""),
         )
-    agent = state.agent if state is not None else row.agent  # type: ignore[union-attr]
-    spent = state.used if state is not None else row.cost_pico  # type: ignore[union-attr]
+    if len(rows) > 1:
+        names = ", ".join(f"'{r.agent}'" for r in rows)
+        raise ProxyFault(
+            409, "ambiguous_intent",
+            f"meterproxy: agents {names} each have an intent '{intent}' (intents are per"
+            f" agent); ask for one: /meter/agents/<agent>/intents/{intent}",
+        )  # fmt: skip
+    row = rows[0]
+    return json_response(_intent_view(svc, row.agent, intent, row))
+
+
+def _intent_view(svc: Services, agent: str, intent: str, row: IntentRow | None) -> dict[str, Any]:
+    key = intent_key(agent, intent)
+    in_view = svc.enforcer.store.holds(key)
+    used, reserved = svc.enforcer.store.value(key)
+    spent = used if in_view or row is None else row.cost_pico
+    cal = svc.enforcer.calendar
     out: dict[str, Any] = {
         "intent": intent,
         "agent": agent,
         "spent_usd": usd_exact(spent),
-        "reserved_usd": usd_exact(state.reserved if state is not None else 0),
+        "reserved_usd": usd_exact(reserved if in_view else 0),
     }
     if row is not None:
         out |= {
-            "first_seen": svc.enforcer.calendar.iso(row.first_seen),
-            "last_seen": svc.enforcer.calendar.iso(row.last_seen),
+            "first_seen": cal.iso(row.first_seen),
+            "last_seen": cal.iso(row.last_seen),
             "requests": row.requests,
             "llm_calls": row.llm_calls,
             "input_tokens": row.input_tokens,
@@ -220,12 +239,12 @@ async def get_intent(request: web.Request, svc: Services) -> web.StreamResponse:
                     "scope": scope,
                     "limit": INTENT_COST_LIMIT,
                     "limit_usd": usd_exact(p.cost_per_intent),
-                    "remaining_usd": usd_exact(max(p.cost_per_intent - spent, 0)),
+                    "remaining_usd": usd_exact(max(p.cost_per_intent - spent - reserved, 0)),
                     "action": p.action,
                 }
             )
     out["limits"] = limits
-    return json_response(out)
+    return out
 
 
 @admin
@@ -318,6 +337,7 @@ def add_admin_routes(app: web.Application) -> None:
     r.add_post("/meter/agents/{agent}/pause", pause_agent)
     r.add_post("/meter/agents/{agent}/resume", resume_agent)
     r.add_get("/meter/intents/{intent}", get_intent)
+    r.add_get("/meter/agents/{agent}/intents/{intent}", get_intent)
     r.add_get("/meter/spend", get_spend)
     r.add_get("/meter/calls", recent_calls)
     r.add_post("/meter/heartbeat", heartbeat)

@@ -1,4 +1,5 @@
-"""The application factory: `create_app(config)` with every resource in `cleanup_ctx`."""
+"""The application factory: `create_app(config)`, every resource in a `cleanup_ctx` of its
+own, opened in order and closed in reverse (a failure half-way closes what was opened)."""
 
 from __future__ import annotations
 
@@ -10,29 +11,36 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from aiohttp import ClientSession, web
+import orjson
+from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from proxy import budget_sync
+from proxy.admin import add_admin_routes, authorize
 from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
-from proxy.budgets import Calendar, validate_policy_json
 from proxy.calllog import CallSink
 from proxy.config import Config
+from proxy.counters import MemoryCounters
 from proxy.enforcer import Enforcer
 from proxy.errors import ProxyFault
 from proxy.events import EventBus
 from proxy.handler import proxy_handler
 from proxy.ledger import LedgerWriter
 from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.pg_counters import PgCounters
+from proxy.policy import validate_policy_json
 from proxy.pricing import PriceTable, load_price_table
 from proxy.reload import Reloader
 from proxy.schema import FieldError
+from proxy.security import cors_prepare, security_middleware
 from proxy.services import SERVICES, Services
-from proxy.shared_enforcer import SharedEnforcer
 from proxy.spool import Spool
-from proxy.storage import open_storage
+from proxy.storage import Storage, StorageError, open_storage
+from proxy.storage.postgres import PostgresStorage
 from proxy.tokens import TokenCounter
 from proxy.upstream import make_session
+from proxy.windows import Calendar
 
 log = logging.getLogger("meterproxy")
 
@@ -47,6 +55,7 @@ class Options:
 
 OPTIONS = web.AppKey("meterproxy.options", Options)
 RELOADER = web.AppKey("meterproxy.reloader", Reloader)
+_STORAGE = web.AppKey("meterproxy.storage", Storage)
 
 
 def runner_options(config: Config) -> dict[str, object]:
@@ -65,17 +74,48 @@ def runner_options(config: Config) -> dict[str, object]:
 
 
 def create_app(config: Config, options: Options | None = None) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_bytes)
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[security_middleware])  # fmt: skip
+    app.on_response_prepare.append(cors_prepare)
     app[OPTIONS] = options or Options()
+    app.cleanup_ctx.append(_storage_ctx(config))
     app.cleanup_ctx.append(_services_ctx(config))
-    app.router.add_route("*", "/v1/{tail:.*}", proxy_handler)
-    app.router.add_route("*", "/agents/{agent}/v1/{tail:.*}", proxy_handler)
+    app.cleanup_ctx.append(_background_ctx)
+    for prefix in ("/v1", "/v1beta", "/openai", "/upload"):
+        app.router.add_route("*", prefix + "/{tail:.*}", proxy_handler)
+        app.router.add_route("*", "/agents/{agent}" + prefix + "/{tail:.*}", proxy_handler)
     app.router.add_get("/meter/health", health)
-    app.router.add_get("/metrics", metrics)
-    from proxy.admin import add_admin_routes
 
+    async def metrics(request: web.Request) -> web.Response:
+        svc = request.app[SERVICES]
+        if svc.config.metrics_need_token:
+            try:
+                authorize(request)
+            except ProxyFault as fault:
+                return fault.response()
+        assert svc.metrics is not None
+        return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/metrics", metrics)
     add_admin_routes(app)
     return app
+
+
+def _storage_ctx(
+    config: Config,
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        storage = await open_storage(
+            config.db_url, sqlite_synchronous=config.sqlite_synchronous, pool_size=config.pool_size
+        )
+        app[_STORAGE] = storage
+        try:
+            yield
+        finally:
+            await storage.close()
+
+    return ctx
 
 
 def _services_ctx(
@@ -85,37 +125,44 @@ def _services_ctx(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         options = app[OPTIONS]
         clock = options.clock
+        storage = app[_STORAGE]
         tokens = TokenCounter()
         loading = asyncio.create_task(asyncio.to_thread(tokens.load))
         prices = options.prices
         if prices is None:
             prices = await asyncio.to_thread(load_price_table, config.pricing_path)
-        storage = await open_storage(
-            config.db_url, sqlite_synchronous=config.sqlite_synchronous, pool_size=config.pool_size
-        )
-        bus = EventBus()
         try:
             api_policies = {
-                agent: validate_policy_json(_json(text))
+                agent: validate_policy_json(orjson.loads(text))
                 for agent, text in (await storage.policies()).items()
             }
         except FieldError as e:
-            await storage.close()
-            raise RuntimeError(f"a policy stored in the database is invalid: {e}") from None
+            raise StorageError(f"a policy stored in the database is invalid: {e}") from None
         calendar = Calendar(config.timezone)
         policies = config.policies.with_api(api_policies)
-        thresholds = config.alerts.thresholds
-        enforcer: Enforcer
+        bus = EventBus()
         spool = None
-        if storage.shared:  # budgets live in the database, shared with other replicas
-            shared = SharedEnforcer(calendar, policies, bus, storage, thresholds,
-                                    on_error=config.on_storage_error, clock=clock)  # fmt: skip
-            spool = Spool(config.spool_dir, shared.replica)
-            enforcer = shared
+        store: MemoryCounters | PgCounters
+        if isinstance(storage, PostgresStorage):  # budgets shared with other replicas
+            store = PgCounters(storage, calendar)
+            spool = Spool(config.spool_dir, store.replica)
         else:
-            enforcer = Enforcer(calendar, policies, bus, storage, thresholds=thresholds)
-        await enforcer.load(storage, clock())  # open_storage has synced the rollups
-        ledger = LedgerWriter(storage, spool=spool)
+            store = MemoryCounters(storage)
+        enforcer = Enforcer(calendar, policies, bus, store, config.alerts.thresholds,
+                            on_error=config.on_storage_error)  # fmt: skip
+        if isinstance(store, PgCounters):
+            await budget_sync.refresh(enforcer, store, clock())
+        else:
+            await store.load(storage, calendar, clock())  # open_storage synced the rollups
+        ledger = LedgerWriter(
+            storage,
+            spool=spool,
+            spend_keys=store.spend_keys if isinstance(store, PgCounters) else None,
+            commit_timeout=config.commit_timeout,
+            stall_seconds=config.stall_seconds,
+            quarantine_file=config.spool_dir / "quarantine.jsonl",
+            clock=clock,
+        )
         await loading
         svc = Services(
             config=config,
@@ -133,58 +180,77 @@ def _services_ctx(
             svc.call_sink = options.call_sink
         svc.metrics = Metrics(lambda: svc.enforcer, clock, lambda: _ledger_metrics(svc))
         svc.watch = UpstreamWatch(bus, config.alerts.upstream_failures)
-        svc.alerts = AlertSender(config.alerts, lambda: _session(svc))
+        svc.alerts = AlertSender(config.alerts, svc.client)
         bus.subscribe(svc.alerts)
         app[SERVICES] = svc
-        reloader = Reloader(svc, options.reparse)
-        app[RELOADER] = reloader
-        background = [
-            asyncio.create_task(reloader.run(), name="meterproxy-reload"),
-            asyncio.create_task(svc.alerts.run(), name="meterproxy-alerts"),
-        ]
-        if isinstance(enforcer, SharedEnforcer):
-            background += [
-                asyncio.create_task(enforcer.refresh_loop(), name="meterproxy-budget-refresh"),
-                asyncio.create_task(enforcer.upkeep_loop(), name="meterproxy-budget-upkeep"),
-                asyncio.create_task(ledger.keep(), name="meterproxy-spool"),
-            ]
-        if config.retention_days is not None:
-            background.append(
-                asyncio.create_task(_prune(svc, config.retention_days), name="meterproxy-prune")
-            )
+        app[RELOADER] = Reloader(svc, options.reparse)
         try:
             yield
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await ledger.close()
+            await ledger.close(config.shutdown_grace_seconds)
             if spool is not None:
                 await spool.close()
-            if svc.session is not None:
-                await svc.session.close()
-            await storage.close()
+            await svc.client().close()
 
     return ctx
 
 
-def _session(svc: Services) -> ClientSession:
-    assert svc.session is not None
-    return svc.session
+@contextlib.asynccontextmanager
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    svc = app[SERVICES]
+    tasks = [
+        asyncio.create_task(app[RELOADER].run(), name="meterproxy-reload"),
+        asyncio.create_task(svc.alerts.run(), name="meterproxy-alerts"),  # type: ignore[union-attr]
+    ]
+    store = svc.enforcer.store
+    if isinstance(store, PgCounters):
+        tasks += [
+            asyncio.create_task(
+                budget_sync.refresh_loop(svc.enforcer, store, svc.clock),
+                name="meterproxy-budget-refresh",
+            ),
+            asyncio.create_task(
+                budget_sync.upkeep_loop(store, svc.clock), name="meterproxy-budget-upkeep"
+            ),
+            asyncio.create_task(svc.ledger.keep(), name="meterproxy-spool"),
+        ]
+    if svc.config.retention_days is not None:
+        tasks.append(asyncio.create_task(_prune(svc, svc.config.retention_days),
+                                         name="meterproxy-prune"))  # fmt: skip
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _ledger_metrics(svc: Services) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    ledger = svc.ledger
     yield GaugeMetricFamily(
-        "meterproxy_ledger_backlog_rows", "Rows waiting for a commit", value=svc.ledger.backlog
+        "meterproxy_ledger_backlog_rows", "Rows waiting for a commit", value=ledger.backlog
     )
     yield CounterMetricFamily(
-        "meterproxy_ledger_commits", "Group commits of the ledger", value=svc.ledger.commits
+        "meterproxy_ledger_commits", "Group commits of the ledger", value=ledger.commits
     )
-    spool = svc.ledger.spool
+    yield CounterMetricFamily(
+        "meterproxy_ledger_quarantined_rows", "Rows the ledger could not store, set aside",
+        value=ledger.quarantined,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "meterproxy_ledger_seconds_since_commit",
+        "How long rows have been waiting without a commit (0: nothing waits)",
+        value=ledger.seconds_since_progress,
+    )
+    yield GaugeMetricFamily(
+        "meterproxy_ledger_stalled", "1 while rows have waited storage.stall_seconds or more",
+        value=1 if ledger.stalled else 0,
+    )  # fmt: skip
+    spool = ledger.spool
     if spool is not None:
         yield GaugeMetricFamily(
             "meterproxy_database_up", "1 when the shared database answers, 0 while rows spool",
-            value=0 if svc.ledger.offline else 1,
+            value=0 if ledger.offline else 1,
         )  # fmt: skip
         yield CounterMetricFamily(
             "meterproxy_ledger_spooled_rows", "Rows written to the local spool (database down)",
@@ -218,40 +284,34 @@ async def _prune(svc: Services, days: int) -> None:
         await asyncio.sleep(3600)
 
 
-def _json(text: str) -> object:
-    import orjson
-
-    return orjson.loads(text)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    svc = request.app[SERVICES]
-    if svc.config.metrics_need_token:
-        from proxy.admin import authorize
-
-        try:
-            authorize(request)
-        except ProxyFault as fault:
-            return fault.response()
-    assert svc.metrics is not None
-    return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-
 async def health(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
-    # Still 200 when the database is down: every replica shares it, so a load balancer
+    ledger = svc.ledger
+    # Still 200 when degraded: every replica shares the database, so a load balancer
     # taking them out would only turn a degraded service into none.
-    offline = svc.ledger.offline or getattr(svc.enforcer, "database_down", False)
+    offline = ledger.offline or svc.enforcer.database_down
+    problems = []
+    if offline:
+        problems.append("database unreachable")
+    if ledger.stalled:
+        problems.append(
+            f"ledger: no commit for {ledger.seconds_since_progress:.0f}s with"
+            f" {ledger.backlog} rows waiting"
+        )
+    store = svc.enforcer.store
     return web.json_response(
         {
-            "status": "degraded" if offline else "ok",
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "database": "unreachable" if offline else "ok",
-            "spooled_rows": svc.ledger.spool.spooled if svc.ledger.spool else 0,
+            "ledger": "stalled" if ledger.stalled else "ok",
+            "spooled_rows": ledger.spool.spooled if ledger.spool else 0,
+            "quarantined_rows": ledger.quarantined,
             "pricing_version": svc.prices.version,
-            "ledger_backlog": svc.ledger.backlog,
+            "ledger_backlog": ledger.backlog,
             "outstanding_reservations": svc.enforcer.outstanding,
             # Which process answered: replicas and workers behind one address differ here.
-            "replica": getattr(svc.enforcer, "replica", None),
+            "replica": store.replica if isinstance(store, PgCounters) else None,
             "pid": os.getpid(),
         }
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
+from proxy.hosts import is_loopback_host
 from proxy.pricing import PricingError, load_price_table
 from proxy.storage import StorageError
 
@@ -46,10 +47,6 @@ def _config(args: argparse.Namespace) -> Config:
     return config.with_overrides(**overrides)
 
 
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
-
-
 # -- serve ------------------------------------------------------------------------------
 
 
@@ -71,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handler = setup_logging(config.log_format, config.log_file, config.log_level)
     if args.workers > 1 and worker_number() is None:
         return supervise(args.workers, args.argv)
-    if not _is_loopback(config.host) and not config.keys and config.admin_token is None:
+    if not is_loopback_host(config.host) and not config.keys and config.admin_token is None:
         log.warning(
             "listening on %s without proxy keys or an admin token: anyone who can reach this"
             " port can spend through it",
@@ -196,9 +193,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 async def _report(config: Config, args: argparse.Namespace) -> int:
     import time
 
-    from proxy.budgets import Calendar
     from proxy.reports import ReportError, parse_time, spend_report
     from proxy.storage import open_storage
+    from proxy.windows import Calendar
 
     calendar = Calendar(config.timezone)
     now = time.time()

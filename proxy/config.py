@@ -7,14 +7,18 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from proxy.budgets import PolicySet, parse_policies
+from proxy.bounds import MAX_HEARTBEAT_USD
+from proxy.hosts import is_loopback_host
 from proxy.ids import IdError, validate_id
+from proxy.money import usd_to_pico
+from proxy.policy import PolicySet, parse_policies
 from proxy.pricing import bundled_pricing_path
 from proxy.schema import MISSING, FieldError, Section, yaml_line
 
@@ -31,6 +35,7 @@ TOP_KEYS = (
     "logging",
     "budgets",
     "alerts",
+    "heartbeat",
 )
 
 
@@ -91,6 +96,11 @@ class Config:
     keepalive_timeout: float = 75.0
     event_loop: str = "auto"  # auto: uvloop when installed, else asyncio's
     body_timeout: float = 60.0  # a metered request body must arrive within this (408)
+    # Web pages (origins) that may call the proxy; none by default (see proxy.security).
+    allowed_origins: tuple[str, ...] = ()
+    # Host names the proxy answers to; None: loopback names and IP literals (any name when
+    # bound elsewhere than loopback with proxy keys).
+    allowed_hosts: tuple[str, ...] | None = None
     upstreams: tuple[Upstream, ...] = (Upstream("openai", DEFAULT_UPSTREAM, default=True),)
     timeouts: Timeouts = Timeouts()
     pricing_path: Path = field(default_factory=bundled_pricing_path)
@@ -105,6 +115,10 @@ class Config:
     # PostgreSQL connections per process: replicas x workers x this must stay under the
     # server's max_connections (100 by default).
     pool_size: int = 10
+    # A call's answer waits at most this long for its ledger row (then goes out anyway).
+    commit_timeout: float = 5.0
+    # Rows waiting this long without a commit make /meter/health say degraded.
+    stall_seconds: float = 10.0
     agent_header: str = "X-Agent-Id"
     intent_header: str = "X-Intent-Id"
     default_agent: str = "anonymous"
@@ -121,6 +135,14 @@ class Config:
     reserve_input_margin: float = 0.1
     policies: PolicySet = field(default_factory=PolicySet)
     alerts: AlertsConfig = AlertsConfig()
+    heartbeat_enabled: str = "auto"  # auto: on when bound to loopback or with proxy keys
+    heartbeat_max_cost_pico: int = 100 * 10**12  # what one heartbeat may report
+
+    @property
+    def heartbeats_on(self) -> bool:
+        if self.heartbeat_enabled != "auto":
+            return self.heartbeat_enabled == "true"
+        return is_loopback_host(self.host) or bool(self.keys)
 
     @property
     def default_upstream(self) -> Upstream:
@@ -199,7 +221,7 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
     server = top.section("server")
     server.check_unknown(
         ("host", "port", "max_body_bytes", "shutdown_grace_seconds", "keepalive_timeout",
-         "body_timeout", "event_loop")
+         "body_timeout", "event_loop", "allowed_origins", "allowed_hosts")
     )  # fmt: skip
     timeouts = top.section("timeouts")
     timeouts.check_unknown(("connect", "read", "stream_idle"))
@@ -207,7 +229,29 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
     pricing.check_unknown(("file", "unknown_model", "reload_interval_seconds"))
     storage = top.section("storage")
     storage_keys = ("url", "sqlite_synchronous", "retention_days", "on_storage_error")
-    storage.check_unknown((*storage_keys, "spool_dir", "pool_size"))
+    storage.check_unknown(
+        (*storage_keys, "spool_dir", "pool_size", "commit_timeout_seconds", "stall_seconds")
+    )
+    heartbeat = top.section("heartbeat")
+    heartbeat.check_unknown(("enabled", "max_cost_usd"))
+    enabled = heartbeat.data.get("enabled", "auto")
+    if isinstance(enabled, bool):
+        enabled = "true" if enabled else "false"
+    if enabled not in ("auto", "true", "false"):
+        heartbeat.fail("enabled", "must be auto, true or false")
+    origins = []
+    for i, origin in enumerate(server.strings("allowed_origins")):
+        o = origin.strip().lower().rstrip("/")
+        if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o):
+            raise FieldError(
+                f"server.allowed_origins[{i}]",
+                origin,
+                "must be an origin like https://app.example.com (scheme, host, optional port;"
+                " no path) or *",
+                ("server", "allowed_origins", i),
+            )
+        origins.append(o)
+    hosts = server.strings("allowed_hosts") if server.has("allowed_hosts") else None
     attribution = top.section("attribution")
     attribution.check_unknown(("agent_header", "intent_header", "default_agent"))
     admin = top.section("admin")
@@ -288,6 +332,8 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         keepalive_timeout=server.number("keepalive_timeout", 75.0, min=0.01),
         body_timeout=server.number("body_timeout", 60.0, min=0.01),
         event_loop=server.choice("event_loop", ("auto", "uvloop", "asyncio"), "auto"),
+        allowed_origins=tuple(origins),
+        allowed_hosts=tuple(h.strip().lower() for h in hosts) if hosts is not None else None,
         upstreams=upstreams,
         timeouts=Timeouts(
             connect=timeouts.number("connect", 10.0, min=0.001),
@@ -311,6 +357,8 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         log_file=(base / log_file) if log_file else None,
         spool_dir=(base / spool_dir) if spool_dir else Config.spool_dir,
         pool_size=storage.integer("pool_size", 10, min=1, max=1000),
+        commit_timeout=storage.number("commit_timeout_seconds", 5.0, min=0.01, max=3600),
+        stall_seconds=storage.number("stall_seconds", 10.0, min=0.1, max=86400),
         log_level=logging_.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         timezone=tz,
         reserve_output_tokens=budgets.integer("reserve_output_tokens", 4096, min=1),
@@ -322,6 +370,10 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
             queue_size=alerts.integer("queue_size", 1000, min=1),
             repeat_seconds=alerts.number("repeat_seconds", 300.0, min=0),
             upstream_failures=alerts.integer("upstream_failures", 5, min=1),
+        ),
+        heartbeat_enabled=enabled,
+        heartbeat_max_cost_pico=usd_to_pico(
+            heartbeat.usd("max_cost_usd", Decimal(100), max=MAX_HEARTBEAT_USD)
         ),
     )
 

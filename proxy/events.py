@@ -16,6 +16,7 @@ log = logging.getLogger("meterproxy.events")
 THRESHOLD = "budget_threshold"  # spend crossed a configured fraction of a limit
 REFUSED = "budget_refused"  # a call was refused (block/pause limit, pause, loop guard)
 ALERT = "budget_alert"  # a limit with action_on_breach: alert was breached; call went through
+SHADOW = "budget_shadow_refusal"  # a dry-run (shadow) limit would have refused; call went through
 PAUSED = "agent_paused"
 RESUMED = "agent_resumed"
 LOOP = "loop_detected"

@@ -26,7 +26,8 @@ from aiohttp import (
 
 from proxy.attribution import UNAUTHENTICATED, identify
 from proxy.config import Upstream
-from proxy.enforcer import Refusal, Ticket
+from proxy.counters import Ticket
+from proxy.enforcer import Refusal
 from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
 from proxy.money import usd_exact
 from proxy.pricing import ModelPrice
@@ -181,7 +182,7 @@ class Call:
         if self.price is not None and svc.enforcer.needs_estimate(rec.agent):
             worst = await self._worst_case()
         digest = None
-        if svc.enforcer.loop_guard(rec.agent) is not None:
+        if svc.enforcer.loop_guard_applies(rec.agent):
             digest = hashlib.blake2b(
                 raw_body if raw_body is not None else raw_tail.encode(), digest_size=16
             ).digest()

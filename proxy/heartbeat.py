@@ -16,9 +16,11 @@ import orjson
 from aiohttp import web
 
 from proxy.attribution import presented_key
+from proxy.bounds import MAX_REPORTED_CALLS, MAX_TOKENS
+from proxy.budget_views import status as budget_status
 from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
 from proxy.ids import IdError, validate_id
-from proxy.money import usd_exact, usd_to_pico
+from proxy.money import pico_to_usd, usd_exact, usd_to_pico
 from proxy.records import CallRecord
 from proxy.schema import FieldError, Section
 from proxy.services import SERVICES, Services
@@ -49,11 +51,19 @@ def _parse(
     if not body.has("metrics"):
         body.fail("metrics", "is required (an object with cost_usd)")
     metrics.check_unknown(("cost_usd", "llm_calls", "tokens_in", "tokens_out"))
+    cap = pico_to_usd(svc.config.heartbeat_max_cost_pico)
+    try:
+        cost = metrics.usd("cost_usd", max=cap)
+    except FieldError as e:
+        if "at most" in e.reason:  # say which setting bounds it
+            raise FieldError(e.key, e.value, f"{e.reason} per heartbeat (heartbeat.max_cost_usd)",
+                             e.parts) from None  # fmt: skip
+        raise
     values = {
-        "cost": usd_to_pico(metrics.usd("cost_usd")),
-        "llm_calls": metrics.integer("llm_calls", 0, min=0),
-        "tokens_in": metrics.integer("tokens_in", 0, min=0),
-        "tokens_out": metrics.integer("tokens_out", 0, min=0),
+        "cost": usd_to_pico(cost),
+        "llm_calls": metrics.integer("llm_calls", 0, min=0, max=MAX_REPORTED_CALLS),
+        "tokens_in": metrics.integer("tokens_in", 0, min=0, max=MAX_TOKENS),
+        "tokens_out": metrics.integer("tokens_out", 0, min=0, max=MAX_TOKENS),
     }
     return agent, intent, values
 
@@ -62,6 +72,13 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     t0 = time.perf_counter()
     try:
+        if not svc.config.heartbeats_on:
+            raise ProxyFault(
+                403, "heartbeats_disabled",
+                f"meterproxy: heartbeats are off: this proxy listens on {svc.config.host}"
+                " without proxy keys, so anyone who reaches it could report spend for any"
+                " agent; configure keys, or set heartbeat.enabled: true",
+            )  # fmt: skip
         key_agent = None
         if svc.keys:
             key = presented_key(request.headers)
@@ -83,7 +100,11 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
                 400, "invalid_heartbeat", f"meterproxy: {e.describe()}", param=e.key
             ) from None
     except ProxyFault as fault:
+        if svc.metrics is not None:
+            svc.metrics.heartbeat(fault.code)
         return fault.response()
+    if svc.metrics is not None:
+        svc.metrics.heartbeat("recorded")
 
     now = svc.clock()
     enforcer = svc.enforcer
@@ -103,7 +124,7 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
     await svc.ledger.commit(record)
     svc.after_call(record)
     refusal = await enforcer.standing(agent, intent, now)
-    status = enforcer.status(agent, now)
+    status = budget_status(enforcer, agent, now)
     answer: dict[str, Any] = {
         "allowed": refusal is None,
         "agent": agent,

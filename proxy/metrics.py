@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proxy.budget_views import remaining
 from proxy.enforcer import Enforcer
 from proxy.records import CallRecord
 
@@ -55,14 +56,14 @@ class _State(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         enforcer = self.enforcer()
-        remaining = GaugeMetricFamily(
+        left_usd = GaugeMetricFamily(
             "meterproxy_budget_remaining_usd",
             "What remains of each cost limit (limit - spent - reserved), USD",
             labels=["scope", "agent", "limit"],
         )
-        for scope, agent, limit, left in enforcer.remaining(self.now()):
-            remaining.add_metric([scope, agent, limit], left / PICO)
-        yield remaining
+        for scope, agent, limit, left in remaining(enforcer, self.now()):
+            left_usd.add_metric([scope, agent, limit], left / PICO)
+        yield left_usd
         yield GaugeMetricFamily(
             "meterproxy_reservations_outstanding",
             "Admitted calls whose reservation is not settled yet",
@@ -98,6 +99,8 @@ class Metrics:
                                 ["agent", "model", "status"], registry=r)  # fmt: skip
         self.refusals = Counter("meterproxy_budget_refusals", "Calls refused, by limit",
                                 ["agent", "limit"], registry=r)  # fmt: skip
+        self.heartbeats = Counter("meterproxy_heartbeats", "Heartbeats, by what became of them",
+                                  ["result"], registry=r)  # fmt: skip
         self.overhead = Histogram(
             "meterproxy_overhead_seconds",
             "Time a call spent in the proxy itself (total minus waiting on the upstream)",
@@ -160,6 +163,10 @@ class Metrics:
         if upstream_seconds is not None:
             self.upstream.observe(upstream_seconds)
             self.overhead.observe(max(record.latency_ms / 1000 - upstream_seconds, 0.0))
+
+    def heartbeat(self, result: str) -> None:
+        """`recorded`, or the error code a heartbeat was refused with (a closed set)."""
+        self.heartbeats.labels(result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -59,3 +59,24 @@ def usd_fixed(pico: int, places: int = 6) -> str:
     whole, frac = divmod(units, 10**places)
     sign = "-" if pico < 0 and units else ""
     return f"{sign}{whole}.{frac:0{places}d}" if places else f"{sign}{whole}"
+
+
+def _places_for(pico: int, significant: int) -> int:
+    """Decimal places that show `significant` digits of a non-zero amount."""
+    digits = len(str(abs(pico)))  # digits of the pico-USD integer
+    return max(0, min(12, 12 - digits + significant))
+
+
+def usd_sig(*amounts: int, significant: int = 2, min_places: int = 4) -> list[str]:
+    """Amounts to be read side by side, in one format: at least `min_places` decimals,
+    enough for `significant` digits of the smallest non-zero one, and more while two
+    different amounts would still print the same ($0.0002 of $0.0002 is no answer)."""
+    places = max(
+        [min_places, *(_places_for(a, significant) for a in amounts if a)], default=min_places
+    )
+    while places < 12:
+        shown = {usd_fixed(a, places) for a in set(amounts)}
+        if len(shown) == len(set(amounts)):
+            break
+        places += 1
+    return [usd_fixed(a, places) for a in amounts]

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from proxy.bounds import MAX_PRICE_PER_M, MAX_TOKENS
 from proxy.money import PICO_PER_USD
 from proxy.schema import FieldError, Section, decimal_places, yaml_line
 from proxy.usage import Usage
@@ -146,6 +147,8 @@ def _rate(section: Section, key: str, default: int | None) -> int:
             "looks like a price per token; pricing.yaml is in USD per 1M tokens"
             f" (did you mean {per_million.normalize():f}?)",
         )
+    if amount > MAX_PRICE_PER_M:
+        section.fail(key, f"is more than ${MAX_PRICE_PER_M:,} per 1M tokens; is it a typo?")
     if decimal_places(amount) > 6:
         section.fail(key, "has more than 6 decimal places (USD per 1M tokens)")
     return int(amount * _PICO_PER_TOKEN_PER_USD_PER_M)
@@ -177,9 +180,9 @@ def _model(name: str, provider: str, s: Section) -> tuple[ModelPrice, list[str]]
     if s.has("long_context"):
         lc = s.section("long_context")
         lc.check_unknown(("above_tokens", *_RATE_KEYS))
-        above = lc.integer("above_tokens", min=1)
+        above = lc.integer("above_tokens", min=1, max=MAX_TOKENS)
         long_rates = _rates(lc, rates)
-    max_output = s.integer("max_output", None, min=1)
+    max_output = s.integer("max_output", None, min=1, max=MAX_TOKENS)
     return (
         ModelPrice(name, provider, rates, tiers, above, long_rates, max_output),
         s.strings("aliases"),

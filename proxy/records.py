@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from proxy.bounds import INT64_MAX
 from proxy.usage import Usage
+
+_INTS = ("status", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
+         "cache_write_tokens", "llm_calls", "reserved_pico")  # fmt: skip
+_FLOATS = ("started_at", "ended_at", "latency_ms")
 
 
 @dataclass(slots=True)
@@ -74,6 +80,29 @@ class CallRecord:
             int(self.refused),
             self.reserved_pico,
         )
+
+    def problems(self) -> list[str]:
+        """Why this row cannot be stored as it is (empty: it can). Every engine stores
+        integers in 64 bits, and PostgreSQL's text cannot hold a NUL character: a row
+        that breaks either would fail its whole batch."""
+        out = []
+        for name in _INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+                out.append(f"{name}={value!r} is not a whole number in [0, 2^63)")
+        cost = self.cost_pico
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, int)
+                                 or not 0 <= cost <= INT64_MAX):  # fmt: skip
+            out.append(f"cost_pico={cost!r} is not a whole number in [0, 2^63)")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                out.append(f"{name}={value!r} is not a finite number")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and "\x00" in value:
+                out.append(f"{f.name} contains a NUL character")
+        return out
 
     @classmethod
     def from_row(cls, row: Sequence[object]) -> CallRecord:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from proxy.budgets import Calendar
 from proxy.money import usd_exact, usd_fixed
 from proxy.storage import AggRow, Storage, Totals
 from proxy.storage.base import BUCKET_SECONDS, GROUPS, Grouping
+from proxy.windows import Calendar
 
 WINDOWS = ("hour", "day", "week", "month")
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")

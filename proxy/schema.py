@@ -6,6 +6,7 @@ value anywhere is reported the same way: `key: reason (got value)`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -138,17 +139,28 @@ class Section:
             self.fail(name, f"must be <= {max}")
         return value
 
-    def number(self, name: str, default: Any = _MISSING, *, min: float | None = None) -> Any:
+    def number(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+    ) -> Any:
         value = self._get(name, default)
         if value is default:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(name, "must be a number")
+        if not math.isfinite(value):
+            self.fail(name, "must be a finite number")
         if min is not None and value < min:
             self.fail(name, f"must be >= {min}")
+        if max is not None and value > max:
+            self.fail(name, f"must be <= {max}")
         return float(value)
 
-    def usd(self, name: str, default: Any = _MISSING) -> Any:
+    def usd(self, name: str, default: Any = _MISSING, *, max: Decimal | None = None) -> Any:
         value = self._get(name, default)
         if value is default:
             return value
@@ -158,6 +170,8 @@ class Section:
             self.fail(name, str(e))
         if amount < 0:
             self.fail(name, "must be >= 0")
+        if max is not None and amount > max:
+            self.fail(name, f"must be at most {max:,}")
         return amount
 
     def boolean(self, name: str, default: Any = _MISSING) -> Any:

@@ -56,6 +56,11 @@ class Services:
     watch: UpstreamWatch | None = None
     call_sink: CallSink = log_call  # `serve` swaps in a direct writer (see calllog)
 
+    def client(self) -> ClientSession:
+        """The one shared client session (upstreams, webhooks)."""
+        assert self.session is not None
+        return self.session
+
     def after_call(
         self, record: CallRecord, upstream_seconds: float | None = None, forwarded: bool = False
     ) -> None:

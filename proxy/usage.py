@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.bounds import MAX_TOKENS
+
 PROVIDER = "provider"
 ESTIMATED = "estimated"
 REPORTED = "reported"
@@ -39,6 +41,8 @@ def _count(obj: Any, key: str, where: str) -> int:
         raise InvalidUsage(f"{where}{key}={value!r} is not a whole number")
     if value < 0:
         raise InvalidUsage(f"{where}{key}={value} is negative")
+    if value > MAX_TOKENS:
+        raise InvalidUsage(f"{where}{key}={value} is more than {MAX_TOKENS:,} tokens")
     return value
 
 

@@ -101,7 +101,7 @@ async def test_control_character_in_intent_header(proxy: Proxy, fake: Any) -> No
     body = b'{"model": "gpt-4o", "messages": []}'
     status, payload = await raw_request(
         proxy,
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
         # U+0085 (a C1 control) in UTF-8: HTTP parsers pass such bytes on as obs-text.
         b"X-Intent-Id: loop\xc2\x85id\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body),

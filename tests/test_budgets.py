@@ -7,16 +7,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budgets import (
-    Calendar,
-    Check,
-    breaches,
-    decisive,
-    parse_policy,
-    refusal_message,
-    validate_policy_json,
-)
+from proxy.admission import Check, breaches, decisive, refusal_message
+from proxy.policy import parse_policy, validate_policy_json
 from proxy.schema import FieldError, Section
+from proxy.windows import Calendar
 
 
 def ts(text: str, tz: str) -> float:

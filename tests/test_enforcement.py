@@ -11,7 +11,9 @@ import openai
 import pytest
 import yaml
 
+from proxy.admission import intent_key
 from proxy.app import Options
+from proxy.budget_views import status as budget_status
 from proxy.config import Config, parse_config
 from tests.conftest import FakeClock, Proxy, ProxyFactory
 
@@ -148,7 +150,7 @@ async def test_pause_policies_and_spend_survive_a_restart(
     await proxy.server.close()
 
     again = await budget_proxy(make_proxy, text, options=Options(clock=clock))
-    status = again.svc.enforcer.status("spender", clock())
+    status = budget_status(again.svc.enforcer, "spender", clock())
     assert status["windows"]["day"]["spent_usd"] == "0.00008"  # rebuilt from the ledger
     with pytest.raises(openai.RateLimitError) as e:
         await sdk(again, "pausy", max_retries=0).chat.completions.create(
@@ -333,7 +335,7 @@ budgets:
     assert e.value.body["code"] == "max_cost_per_intent_usd"  # type: ignore[index]
     assert "intent 'int_abc123' reached max_cost_per_intent_usd" in e.value.body["message"]  # type: ignore[index]
     assert "is now paused" in e.value.body["message"]  # type: ignore[index]
-    spent = proxy.svc.enforcer.intents["int_abc123"].used
+    spent = proxy.svc.enforcer.store.value(intent_key("research-agent", "int_abc123"))[0]
     # Each call reserves 550 (500 + 10%) * $30 + 250 * $60 per 1M = $0.0315 and costs $0.03:
     # after 66 calls ($1.98) the next reservation would pass $2.
     assert calls == 66 and spent == 66 * 30_000_000_000

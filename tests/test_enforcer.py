@@ -12,13 +12,18 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy import events
-from proxy.budgets import Calendar, PolicySet, parse_policy
-from proxy.enforcer import Enforcer, Refusal, Ticket
+from proxy import budget_sync, events
+from proxy.admission import intent_key
+from proxy.budget_views import status
+from proxy.counters import Ticket
+from proxy.enforcer import Enforcer, Refusal
+from proxy.pg_counters import PgCounters
+from proxy.policy import PolicySet, parse_policy
 from proxy.records import CallRecord
 from proxy.schema import Section
-from proxy.shared_enforcer import SharedEnforcer
 from proxy.storage import Storage, open_storage
+from proxy.storage.postgres import PostgresStorage
+from proxy.windows import Calendar
 from tests.records import call_record
 
 USD = 10**12
@@ -48,10 +53,10 @@ async def make(request: Any) -> AsyncIterator[Make]:
             return Enforcer(Calendar(TZ), policies, bus, None, thresholds), seen
         # A database of its own per enforcer, as a fresh process would have.
         storage = await open_storage(request.getfixturevalue("postgres").create_database())
+        assert isinstance(storage, PostgresStorage)
         storages.append(storage)
-        shared = SharedEnforcer(Calendar(TZ), policies, bus, storage, thresholds,
-                                clock=lambda: NOON)  # fmt: skip
-        return shared, seen
+        store = PgCounters(storage, Calendar(TZ))
+        return Enforcer(Calendar(TZ), policies, bus, store, thresholds), seen
 
     yield factory
     for storage in storages:
@@ -78,26 +83,26 @@ async def settle(e: Enforcer, t: Ticket | Refusal, cost: int, now: float = NOON)
     shared budgets, is what counts the spend and releases the reservation)."""
     assert isinstance(t, Ticket)
     e.settle(t, cost, now)
-    if isinstance(e, SharedEnforcer):
+    if isinstance(e.store, PgCounters):
         _, call_id, started = _calls[id(t)]
-        await e.storage.write_calls([row(call_id, t.agent, t.intent, started, cost)])
-        await e.refresh(now)
+        await e.store.db.write_calls([row(call_id, t.agent, t.intent, started, cost)],
+                                     e.store.spend_keys)  # fmt: skip
+        await budget_sync.refresh(e, e.store, now)
         await drain(e)
 
 
 async def report(e: Enforcer, agent: str, intent: str | None, cost: int, now: float) -> None:
     """A heartbeat's spend: counted, and its row committed."""
     await e.add_reported(agent, intent, cost, now)
-    if isinstance(e, SharedEnforcer):
+    if isinstance(e.store, PgCounters):
         record = row(f"req_{next(_ids)}", agent, intent, now, cost, source="reported")
-        await e.storage.write_calls([record])
-        await e.refresh(now)
+        await e.store.db.write_calls([record], e.store.spend_keys)
+        await budget_sync.refresh(e, e.store, now)
 
 
 async def drain(e: Enforcer) -> None:
     """Threshold alerts of shared budgets are claimed in the database first."""
-    if isinstance(e, SharedEnforcer):
-        await asyncio.gather(*list(e._claims))
+    await asyncio.gather(*list(e._claims))
 
 
 async def test_day_limit_reserve_settle_and_reset_at_local_midnight(make: Make) -> None:
@@ -216,19 +221,19 @@ async def test_settle_is_idempotent_and_returns_reservations_to_zero(make: Make)
         await settle(e, t, USD // 2, NOON)  # a second settle changes nothing
     assert (e.outstanding, e.outstanding_pico) == (0, 0)
     assert e.spent("a", "day", NOON) == 5 * USD // 2
-    if isinstance(e, SharedEnforcer):  # the lifetime counter lives in the database
-        assert await e.storage.fetch(
-            "SELECT used, reserved FROM budget_counters WHERE scope = 'intent:i'"
+    if isinstance(e.store, PgCounters):  # the lifetime counter lives in the database
+        assert await e.store.db.fetch(
+            "SELECT used, reserved FROM budget_counters WHERE scope = 'intent:a' || chr(31) || 'i'"
         ) == [(5 * USD // 2, 0)]  # fmt: skip
-        assert await e.storage.fetch("SELECT COUNT(*) FROM reservations") == [(0,)]
+        assert await e.store.db.fetch("SELECT COUNT(*) FROM reservations") == [(0,)]
     else:
-        assert e.intents["i"].reserved == 0 and e.intents["i"].used == 5 * USD // 2
-    status = e.status("a", NOON)
-    assert status["windows"]["day"] == {
+        assert e.store.value(intent_key("a", "i")) == (5 * USD // 2, 0)
+    view = status(e, "a", NOON)
+    assert view["windows"]["day"] == {
         "spent_usd": "2.5", "reserved_usd": "0",
         "starts": "2026-11-25T00:00:00+01:00", "resets": "2026-11-26T00:00:00+01:00",
     }  # fmt: skip
-    assert status["limits"][0]["remaining_usd"] == "7.5"
+    assert view["limits"][0]["remaining_usd"] == "7.5"
 
 
 async def test_thresholds_fire_once_per_window(make: Make) -> None:
@@ -278,8 +283,8 @@ async def test_concurrent_admissions_reserve_exactly_what_fits(make: Make) -> No
     for t in tickets:
         await settle(e, t, USD // 10)
     assert (e.outstanding, e.outstanding_pico) == (0, 0)
-    assert e.status("a", NOON)["windows"]["day"]["reserved_usd"] == "0"
-    assert e.status("a", NOON)["windows"]["day"]["spent_usd"] == "0.3"
+    assert status(e, "a", NOON)["windows"]["day"]["reserved_usd"] == "0"
+    assert status(e, "a", NOON)["windows"]["day"]["spent_usd"] == "0.3"
 
 
 async def test_concurrent_new_intents_count_once_each(make: Make) -> None:

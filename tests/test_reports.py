@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.budgets import Calendar
 from proxy.records import CallRecord
 from proxy.reports import ReportError, parse_time, spend_report
 from proxy.storage import Storage, open_storage
+from proxy.windows import Calendar
 from tests.records import call_record
 
 TZ = "America/New_York"
@@ -86,7 +86,7 @@ async def test_rollups_survive_pruning_and_replays_are_not_counted_twice(
     report = await spend_report(storage, cal, window="month", since=at("2026-10-01T00:00:00"),
                                 until=at("2026-11-01T00:00:00"))  # fmt: skip
     assert [(r.key, r.totals.cost_pico, r.totals.llm_calls) for r in report.rows] == [("a", 15, 3)]
-    intent = await storage.intent("t1")
+    intent = await storage.intent("a", "t1")
     assert intent is not None and (intent.requests, intent.cost_pico) == (3, 15)
 
 

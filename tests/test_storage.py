@@ -36,11 +36,11 @@ async def test_a_row_written_twice_is_stored_and_counted_once(storage: Storage) 
     stored = await storage.call("req_2")
     assert stored is not None and stored["cost_pico"] is None  # the first write stands
     sums = await storage.fetch(
-        "SELECT SUM(requests), SUM(cost_pico), SUM(unpriced), SUM(input_tokens),"
-        " SUM(cached_input_tokens) FROM rollup_agent_15m"
+        "SELECT SUM(requests), SUM(cost_micro) * 1000000 + SUM(cost_pico_rem), SUM(unpriced),"
+        " SUM(input_tokens), SUM(cached_input_tokens) FROM rollup_agent_15m"
     )
     assert [tuple(int(v) for v in sums[0])] == [(3, 2_000, 1, 30, 6)]
-    intent = await storage.intent("task-1")
+    intent = await storage.intent("a", "task-1")
     assert intent is not None
     assert (intent.requests, intent.cost_pico, intent.unpriced) == (2, 1_000, 1)
     assert (intent.first_seen, intent.last_seen) == (T0 + 1, T0 + 2)
@@ -72,15 +72,20 @@ async def test_shared_counters_reserve_then_the_row_settles_once(pg_url: str) ->
     s = await open_storage(pg_url)
     assert isinstance(s, PostgresStorage)
     day = CounterKey("agent:a", "cost:day", T0 - 100, T0 + 86_300)
-    s.spend_keys = lambda agent, intent, started: [day]
+
+    def spend_keys(record: CallRecord) -> list[CounterKey]:
+        return [day]
+
     reserve = CounterChange(day, add_used=0, add_reserved=5_000, cap=10_000)
 
     try:
-        outcome = await s.admit_counters("a", [reserve], None, ("req_1", 5_000), None, T0)
+        outcome = await s.admit_counters("r1", "a", [reserve], None, ("req_1", 5_000), None, T0)
         assert outcome.ok and outcome.counters == {day: (0, 5_000)}
         assert await s.fetch("SELECT used, reserved FROM budget_counters") == [(0, 5_000)]
-        await s.write_calls([record(1, cost=1_234)])
-        await s.write_calls([record(1, cost=1_234)])  # replayed: neither counted nor released
+        await s.write_calls([record(1, cost=1_234)], spend_keys)
+        await s.write_calls(
+            [record(1, cost=1_234)], spend_keys
+        )  # replayed: neither counted nor released
         assert await s.fetch("SELECT used, reserved FROM budget_counters") == [(1_234, 0)]
         assert await s.fetch("SELECT COUNT(*) FROM reservations") == [(0,)]
     finally:

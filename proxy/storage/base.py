@@ -7,6 +7,7 @@ to `Storage` and does not know which engine is below.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from abc import ABC, abstractmethod
@@ -16,8 +17,8 @@ from functools import cache
 from typing import Any
 
 from proxy.records import CallRecord
-from proxy.storage.migrations import MIGRATIONS, ROLLUPS
-from proxy.storage.rollups import CALL_SUMS, KEY_EXPRESSIONS
+from proxy.storage.migrations import MIGRATIONS
+from proxy.storage.rollups import CALL_SUMS, KEY_EXPRESSIONS, ROLLUPS, SUMS
 
 BUCKET_SECONDS = 900
 GROUPS = ("agent", "intent", "model", "upstream")
@@ -43,6 +44,10 @@ class CounterKey:
     end: float
 
 
+# The budget counters a ledger row's cost goes to (shared budgets count spend as rows commit).
+SpendKeys = Callable[[CallRecord], Sequence[CounterKey]]
+
+
 @dataclass
 class BudgetView:
     """Shared budget state as one decision sees it: the counters it reads, the agent's
@@ -66,8 +71,13 @@ class Totals:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_tokens: int = 0
-    cost_pico: int = 0
+    cost_micro: int = 0  # whole micro-USD...
+    cost_pico_rem: int = 0  # ...plus pico-USD: two sums that cannot overflow (see rollups)
     unpriced: int = 0
+
+    @property
+    def cost_pico(self) -> int:
+        return self.cost_micro * 1_000_000 + self.cost_pico_rem
 
     def add(self, other: Totals) -> None:
         for f in _TOTAL_FIELDS:
@@ -75,6 +85,7 @@ class Totals:
 
 
 _TOTAL_FIELDS = tuple(f.name for f in fields(Totals))
+assert _TOTAL_FIELDS == SUMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +121,11 @@ class IntentRow:
     output_tokens: int
     cost_pico: int
     unpriced: int
+
+
+def exact_cost(micro: Any, rem: Any) -> int:
+    """A cost summed as micro-USD and pico-USD remainder (see rollups), joined again."""
+    return _int(micro) * 1_000_000 + _int(rem)
 
 
 CALL_COLUMNS = CallRecord.columns()
@@ -187,16 +203,23 @@ class Storage(ABC):
     # -- ledger -----------------------------------------------------------------------
 
     @abstractmethod
-    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+    async def write_calls(
+        self, records: Sequence[CallRecord], spend_keys: SpendKeys | None = None
+    ) -> None:
         """Insert call rows and add them to the rollups, in one transaction. A row whose id
-        is already stored is skipped, and not counted again."""
+        is already stored is skipped, and not counted again. With `spend_keys`, engines
+        that keep budget counters add each row's cost to its counters in the same
+        transaction."""
 
     def write_calls_then(
-        self, records: Sequence[CallRecord], done: Callable[[BaseException | None], None]
+        self,
+        records: Sequence[CallRecord],
+        done: Callable[[BaseException | None], None],
+        spend_keys: SpendKeys | None = None,
     ) -> None:
         """`write_calls`, then `done(error or None)` on the event loop, without the caller
         waiting: the ledger writer's path. Engines may do it with fewer loop trips."""
-        task = asyncio.ensure_future(self.write_calls(records))
+        task = asyncio.ensure_future(self.write_calls(records, spend_keys))
 
         def finished(t: asyncio.Future[None]) -> None:
             done(t.exception() if not t.cancelled() else asyncio.CancelledError())
@@ -204,6 +227,25 @@ class Storage(ABC):
         task.add_done_callback(finished)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def is_permanent(self, error: BaseException) -> bool:
+        """Whether writing a row failed for a reason retrying cannot fix (a value the column
+        cannot hold, a constraint), as opposed to the database being busy or away."""
+        return isinstance(error, (OverflowError, TypeError, ValueError))
+
+    async def quarantine(self, entries: Sequence[tuple[CallRecord, str]], now: float) -> None:
+        """Rows that cannot be stored, set aside whole (as JSON text, which holds any value)
+        in the `quarantine` table, where they can be inspected and repaired."""
+        await self.insert_many(
+            "INSERT INTO quarantine (id, at, error, row_json) VALUES (?, ?, ?, ?)",
+            [(r.id, now, error, json.dumps(r.as_row())) for r, error in entries],
+        )
+
+    async def quarantined(self) -> list[dict[str, Any]]:
+        rows = await self.fetch("SELECT id, at, error, row_json FROM quarantine ORDER BY at")
+        return [
+            {"id": i, "at": float(at), "error": e, "row": json.loads(r)} for i, at, e, r in rows
+        ]
 
     async def recent_calls(self, limit: int, agent: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE agent = ?", [agent]) if agent else ("", [])
@@ -309,10 +351,11 @@ class Storage(ABC):
     async def cost_by_agent_since(self, since: int) -> dict[str, int]:
         """Spend per agent from bucket-aligned `since` (window starts are aligned)."""
         rows = await self.fetch(
-            "SELECT agent, SUM(cost_pico) FROM rollup_15m WHERE bucket >= ? GROUP BY agent",
+            "SELECT agent, SUM(cost_micro), SUM(cost_pico_rem) FROM rollup_agent_15m"
+            " WHERE bucket >= ? GROUP BY agent",
             [since],
         )
-        return {agent: int(cost or 0) for agent, cost in rows}
+        return {agent: exact_cost(micro, rem) for agent, micro, rem in rows}
 
     async def requests_by_agent_since(self, since: float) -> dict[str, int]:
         rows = await self.fetch(
@@ -328,17 +371,36 @@ class Storage(ABC):
         )
         return {agent: int(n) for agent, n in rows}
 
-    async def intent(self, intent: str) -> IntentRow | None:
+    async def intents_named(self, intent: str, agent: str | None = None) -> list[IntentRow]:
+        """The lifetime totals of an intent id: one per agent that used it (intents live in
+        their agent's lane), or only `agent`'s."""
+        where, params = ("intent = ? AND agent = ?", [intent, agent]) if agent else (
+            "intent = ?", [intent])  # fmt: skip
         rows = await self.fetch(
             "SELECT intent, agent, first_seen, last_seen, requests, llm_calls, input_tokens, "
-            "output_tokens, cost_pico, unpriced FROM intents WHERE intent = ?",
-            [intent],
+            f"output_tokens, cost_micro, cost_pico_rem, unpriced FROM intents WHERE {where}"
+            " ORDER BY agent",
+            params,
         )
-        if not rows:
-            return None
-        r = rows[0]
-        n = [int(v) for v in r[4:]]
-        return IntentRow(r[0], r[1], float(r[2]), float(r[3]), n[0], n[1], n[2], n[3], n[4], n[5])
+        return [
+            IntentRow(
+                r[0],
+                r[1],
+                float(r[2]),
+                float(r[3]),
+                int(r[4]),
+                int(r[5]),
+                int(r[6]),
+                int(r[7]),
+                exact_cost(r[8], r[9]),
+                int(r[10]),
+            )
+            for r in rows
+        ]
+
+    async def intent(self, agent: str, intent: str) -> IntentRow | None:
+        rows = await self.intents_named(intent, agent)
+        return rows[0] if rows else None
 
     async def agents_since(self, since: int) -> list[str]:
         rows = await self.fetch(

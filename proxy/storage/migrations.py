@@ -54,7 +54,8 @@ def m001_calls(dialect: str) -> list[str]:
     ]
 
 
-SUMS = (
+# m002's tables as they were created: frozen here, whatever the live schema is now.
+_M002_SUMS = (
     "requests",
     "llm_calls",
     "refused",
@@ -67,12 +68,8 @@ SUMS = (
     "cost_pico",
     "unpriced",
 )
-
-
-ROLLUPS = {
-    # table: its key columns besides the bucket (wide one first: agent-filtered reports)
+_M002_ROLLUPS = {
     "rollup_15m": ("agent", "model", "upstream"),
-    # Narrow ones serve the unfiltered reports: a dozen times fewer rows to scan.
     "rollup_agent_15m": ("agent",),
     "rollup_model_15m": ("model",),
     "rollup_upstream_15m": ("upstream",),
@@ -86,9 +83,9 @@ def m002_rollups(dialect: str) -> list[str]:
     15 minutes divides every time zone's offset, so reports and budget windows in any zone
     are exact unions of buckets.
     """
-    sums = ",\n".join(f"    {c} BIGINT NOT NULL" for c in SUMS)
+    sums = ",\n".join(f"    {c} BIGINT NOT NULL" for c in _M002_SUMS)
     tables = []
-    for table, keys in ROLLUPS.items():
+    for table, keys in _M002_ROLLUPS.items():
         key_columns = "".join(f"    {k} TEXT NOT NULL,\n" for k in keys)
         tables.append(
             f"CREATE TABLE {table} (\n    bucket BIGINT NOT NULL,\n{key_columns}{sums},\n"
@@ -167,9 +164,102 @@ def m004_shared_budgets(dialect: str) -> list[str]:
     ]
 
 
+def _rebuild(table: str, create: str, select: str) -> list[str]:
+    """A table rebuilt in a new shape: works on every SQLite (no DROP COLUMN needed)."""
+    return [
+        create.format(table=f"{table}_new"),
+        f"INSERT INTO {table}_new {select}",
+        f"DROP TABLE {table}",
+        f"ALTER TABLE {table}_new RENAME TO {table}",
+    ]
+
+
+_M005_COUNTS = (
+    "requests",
+    "llm_calls",
+    "refused",
+    "errors",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cache_write_tokens",
+)
+
+
+def m005_exact_sums(dialect: str) -> list[str]:
+    """Money sums that cannot overflow. A row's cost fits 64 bits (see proxy.bounds); a sum
+    of many may not (2^63 pico-USD is only $9.2M). Rollups and intent totals now keep cost
+    as whole micro-USD plus the pico-USD remainder: both sum as plain integers, exactly,
+    until $9.2 trillion. PostgreSQL's shared budget counters become NUMERIC (exact, no
+    bound). Rows committed but not rolled up yet (an old overflow) are counted afterwards
+    from the progress mark, in the new shape."""
+    statements = []
+    for table, keys in _M002_ROLLUPS.items():
+        key_columns = "".join(f"    {k} TEXT NOT NULL,\n" for k in keys)
+        counts = "".join(f"    {c} BIGINT NOT NULL,\n" for c in _M005_COUNTS)
+        create = (
+            "CREATE TABLE {table} (\n    bucket BIGINT NOT NULL,\n"
+            f"{key_columns}{counts}"
+            "    cost_micro BIGINT NOT NULL,\n    cost_pico_rem BIGINT NOT NULL,\n"
+            f"    unpriced BIGINT NOT NULL,\n    PRIMARY KEY (bucket, {', '.join(keys)})\n)"
+        )
+        columns = ", ".join(("bucket", *keys, *_M005_COUNTS))
+        select = (
+            f"SELECT {columns}, cost_pico / 1000000, cost_pico % 1000000, unpriced FROM {table}"
+        )
+        statements += _rebuild(table, create, select)
+    if dialect == "postgresql":
+        statements += [
+            "ALTER TABLE budget_counters ALTER COLUMN used TYPE NUMERIC",
+            "ALTER TABLE budget_counters ALTER COLUMN reserved TYPE NUMERIC",
+            "ALTER TABLE reservations ALTER COLUMN amount TYPE NUMERIC",
+        ]
+    return statements
+
+
+def m006_intents_per_agent(dialect: str) -> list[str]:
+    """Intents in their agent's lane: keyed by (agent, intent), so no agent can spend,
+    exhaust or pause another's intent by using its id. Exact cost sums as in m005. And the
+    quarantine: rows the ledger could not store, kept whole (as JSON) for inspection."""
+    create = """CREATE TABLE {table} (
+    agent TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL,
+    requests BIGINT NOT NULL,
+    llm_calls BIGINT NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    cost_micro BIGINT NOT NULL,
+    cost_pico_rem BIGINT NOT NULL,
+    unpriced BIGINT NOT NULL,
+    PRIMARY KEY (agent, intent)
+)"""
+    select = (
+        "SELECT agent, intent, first_seen, last_seen, requests, llm_calls, input_tokens,"
+        " output_tokens, cost_pico / 1000000, cost_pico % 1000000, unpriced FROM intents"
+    )
+    return [
+        "DROP INDEX intents_agent_first",
+        *_rebuild("intents", create, select),
+        "CREATE INDEX intents_agent_first ON intents (agent, first_seen)",
+        # An intent's calls in one agent's lane; also serves per-agent lookups of the ledger.
+        "CREATE INDEX calls_agent_started ON calls (agent, started_at)",
+        """CREATE TABLE quarantine (
+    id TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    error TEXT NOT NULL,
+    row_json TEXT NOT NULL
+)""",
+    ]
+
+
 MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("001_calls", m001_calls),
     ("002_rollups", m002_rollups),
     ("003_agent_state", m003_agent_state),
     ("004_shared_budgets", m004_shared_budgets),
+    ("005_exact_sums", m005_exact_sums),
+    ("006_intents_per_agent", m006_intents_per_agent),
 ]

@@ -51,13 +51,13 @@ RECORD_CALL = (
 ADMIT_FUNCTION = """
 CREATE OR REPLACE FUNCTION meterproxy_admit(
     p_replica text, a_now float8[],
-    a_agent text[], a_lease text[], a_amount int8[], a_lease_keys text[], a_intent text[],
+    a_agent text[], a_lease text[], a_amount numeric[], a_lease_keys text[], a_intent text[],
     a_loop_intent text[], a_loop_digest text[], a_loop_since float8[], a_loop_max int[],
     c_adm int[], c_scope text[], c_kind text[], c_start float8[], c_end float8[],
-    c_du int8[], c_dr int8[], c_cap int8[], c_new_only boolean[]
+    c_du numeric[], c_dr numeric[], c_cap numeric[], c_new_only boolean[]
 ) RETURNS TABLE (o_adm int, o_ok boolean, o_fresh boolean, o_paused boolean, o_reason text,
-                 o_seen int, o_scope text, o_kind text, o_start float8, o_used int8,
-                 o_reserved int8)
+                 o_seen int, o_scope text, o_kind text, o_start float8, o_used numeric,
+                 o_reserved numeric)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 DECLARE
     v_created text[];
@@ -71,13 +71,15 @@ DECLARE
 BEGIN
     WITH created AS (
         INSERT INTO budget_counters AS b (scope, kind, window_start, window_end, used, reserved)
-        SELECT DISTINCT r.s, r.k, r.w, r.e, 0::int8, 0::int8
+        SELECT DISTINCT r.s, r.k, r.w, r.e, 0::numeric, 0::numeric
         FROM unnest(c_scope, c_kind, c_start, c_end) AS r(s, k, w, e) ORDER BY 1, 2, 3
         ON CONFLICT DO NOTHING RETURNING b.scope)
     SELECT array_agg(c.scope) INTO v_created FROM created c WHERE c.scope LIKE 'intent:%';
     IF v_created IS NOT NULL THEN  -- older calls of an intent may be in the ledger
         UPDATE budget_counters b SET used = COALESCE(
-            (SELECT i.cost_pico FROM intents i WHERE i.intent = substr(b.scope, 8)), 0)
+            (SELECT i.cost_micro * 1000000::numeric + i.cost_pico_rem FROM intents i
+             WHERE i.agent = split_part(substr(b.scope, 8), chr(31), 1)
+               AND i.intent = split_part(substr(b.scope, 8), chr(31), 2)), 0)
         WHERE b.kind = 'cost:life' AND b.scope = ANY(v_created);
     END IF;
     PERFORM 1 FROM budget_counters b
@@ -94,13 +96,14 @@ BEGIN
         v_seen := 0;
         v_reason := NULL;
         v_paused := NULL;
-        v_intent_scope := 'intent:' || a_intent[i];
+        v_intent_scope := 'intent:' || a_agent[i] || chr(31) || a_intent[i];
         v_has_key := EXISTS (SELECT 1 FROM unnest(c_adm, c_scope) AS r(a, s)
                              WHERE r.a = i AND r.s = v_intent_scope);
         -- A new intent: its counter was created by this batch and no admission of it has
         -- gone through yet (a refused one does not start it), and the ledger never saw it.
         v_fresh := COALESCE(v_has_key AND v_intent_scope = ANY(v_created) AND NOT EXISTS (
-            SELECT 1 FROM intents it WHERE it.intent = a_intent[i]), false);
+            SELECT 1 FROM intents it WHERE it.agent = a_agent[i] AND it.intent = a_intent[i]),
+            false);
         SELECT true, st.reason INTO v_paused, v_reason FROM agent_state st
             WHERE st.agent = a_agent[i] AND st.paused = 1;
         v_paused := COALESCE(v_paused, false);
@@ -131,15 +134,17 @@ BEGIN
             WHERE r.a = i AND b.scope = r.s AND b.kind = r.k AND b.window_start = r.w
                 AND (NOT r.n OR v_fresh) AND (r.du <> 0 OR r.dr <> 0);
             IF a_lease[i] IS NOT NULL THEN
-                INSERT INTO reservations (id, replica, created, amount, counters)
-                    VALUES (a_lease[i], p_replica, a_now[i], a_amount[i], a_lease_keys[i]);
+                -- A lease seen again is a stream extending its reservation: more of it.
+                INSERT INTO reservations AS rv (id, replica, created, amount, counters)
+                    VALUES (a_lease[i], p_replica, a_now[i], a_amount[i], a_lease_keys[i])
+                    ON CONFLICT (id) DO UPDATE SET amount = rv.amount + excluded.amount;
             END IF;
             IF v_has_key THEN
                 v_created := array_remove(v_created, v_intent_scope);
             END IF;
         END IF;
         RETURN QUERY SELECT i, v_ok, v_fresh, v_paused, v_reason, v_seen,
-            NULL::text, NULL::text, NULL::float8, NULL::int8, NULL::int8;
+            NULL::text, NULL::text, NULL::float8, NULL::numeric, NULL::numeric;
         RETURN QUERY SELECT i, v_ok, v_fresh, v_paused, v_reason, v_seen,
             b.scope, b.kind, b.window_start, b.used, b.reserved
         FROM budget_counters b JOIN unnest(c_adm, c_scope, c_kind, c_start) AS r(a, s, k, w)
@@ -185,11 +190,11 @@ BEGIN
     WITH gone AS (
         DELETE FROM reservations r WHERE r.id = ANY(v_ids) RETURNING r.amount, r.counters),
     deltas AS (
-        SELECT t.s, t.k, t.w, t.e, t.c AS du, 0::int8 AS dr
+        SELECT t.s, t.k, t.w, t.e, t.c::numeric AS du, 0::numeric AS dr
         FROM unnest(p_spend_id, p_scope, p_kind, p_start, p_end, p_cost) AS t(i, s, k, w, e, c)
         WHERE t.i = ANY(v_ids)
         UNION ALL
-        SELECT j->>0, j->>1, (j->>2)::float8, (j->>3)::float8, 0::int8, -g.amount
+        SELECT j->>0, j->>1, (j->>2)::float8, (j->>3)::float8, 0::numeric, -g.amount
         FROM gone g, json_array_elements(g.counters::json) AS j)
     INSERT INTO budget_counters AS b (scope, kind, window_start, window_end, used, reserved)
     SELECT d.s, d.k, d.w, max(d.e), sum(d.du), sum(d.dr) FROM deltas d

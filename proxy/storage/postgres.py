@@ -25,6 +25,7 @@ from proxy.storage.base import (
     BudgetView,
     CounterKey,
     Grouping,
+    SpendKeys,
     Storage,
     StorageError,
     StorageUnavailable,
@@ -54,6 +55,7 @@ _ADMIT_BATCH = 500  # admissions per round trip, at most
 
 @dataclass(frozen=True, slots=True)
 class _AdmitRequest:
+    replica: str
     agent: str
     changes: list[CounterChange]  # in key order
     intent: str | None
@@ -75,7 +77,7 @@ class CounterChange:
 
 
 @dataclass(frozen=True, slots=True)
-class Admission:
+class AdmitResult:
     ok: bool
     new_intent: bool  # this admission created the intent's lifetime counter
     paused: bool
@@ -121,7 +123,7 @@ class PostgresStorage(Storage):
         self._pool: asyncpg.Pool | None = None
         # Which replica's leases are whose (set by the shared enforcer).
         self.replica = "replica"
-        self._admissions: list[tuple[_AdmitRequest, asyncio.Future[Admission]]] = []
+        self._admissions: list[tuple[_AdmitRequest, asyncio.Future[AdmitResult]]] = []
         self._admitting = False
         # The counters a call's cost goes to, from (agent, intent, started_at): set by the
         # shared enforcer, which knows the calendar. None: budgets are not kept here.
@@ -236,12 +238,21 @@ class PostgresStorage(Storage):
         applied: list[str] = await self._run(work)
         return applied
 
+    def is_permanent(self, error: BaseException) -> bool:
+        return isinstance(error, (
+            asyncpg.exceptions.DataError,  # out of range, bad text, NUL character...
+            asyncpg.exceptions.IntegrityConstraintViolationError,
+            asyncpg.exceptions.SyntaxOrAccessError,
+        )) or super().is_permanent(error)  # fmt: skip
+
     def window_expr(self, column: str, grouping: Grouping) -> str:
         return f"CAST(floor(({column} + {grouping.shift}) / {grouping.width}) AS BIGINT)"
 
     # -- the ledger -----------------------------------------------------------------------
 
-    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+    async def write_calls(
+        self, records: Sequence[CallRecord], spend_keys: SpendKeys | None = None
+    ) -> None:
         if not records:
             return
         if len({r.id for r in records}) < len(records):  # a spool replayed twice, say
@@ -249,11 +260,11 @@ class PostgresStorage(Storage):
         rows = [r.as_row() for r in records]
         columns = [list(col) for col in zip(*rows, strict=True)]
         spend: tuple[list[Any], ...] = ([], [], [], [], [], [])
-        if self.spend_keys is not None:
+        if spend_keys is not None:
             ids, scopes, kinds, starts, ends, costs = spend
             for r in records:
                 if r.cost_pico:
-                    for key in self.spend_keys(r.agent, r.intent, r.started_at):
+                    for key in spend_keys(r):
                         ids.append(r.id)
                         scopes.append(key.scope)
                         kinds.append(key.kind)
@@ -266,22 +277,23 @@ class PostgresStorage(Storage):
 
     async def admit_counters(
         self,
+        replica: str,
         agent: str,
         changes: Sequence[CounterChange],
         intent: str | None,
         lease: tuple[str, int] | None,
         loop: tuple[str, str, float, int | None] | None,
         now: float,
-    ) -> Admission:
+    ) -> AdmitResult:
         """Check and reserve atomically. Admissions that arrive while a batch is at the
         database go together in the next one: one round trip for all of them."""
         ordered = sorted(changes, key=lambda c: _key_order(c.key))
         reserving = any(c.add_reserved for c in ordered)
         request = _AdmitRequest(
-            agent, ordered, intent, lease[0] if lease and reserving else None,
+            replica, agent, ordered, intent, lease[0] if lease and reserving else None,
             lease[1] if lease else 0, loop, now,
         )  # fmt: skip
-        future: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[AdmitResult] = asyncio.get_running_loop().create_future()
         self._admissions.append((request, future))
         if not self._admitting:
             self._admitting = True
@@ -310,7 +322,7 @@ class PostgresStorage(Storage):
         finally:
             self._admitting = False
 
-    async def _admit_batch(self, batch: list[_AdmitRequest]) -> list[Admission]:
+    async def _admit_batch(self, batch: list[_AdmitRequest]) -> list[AdmitResult]:
         a: tuple[list[Any], ...] = tuple([] for _ in range(9))
         c: tuple[list[Any], ...] = tuple([] for _ in range(9))
         for i, r in enumerate(batch, 1):
@@ -329,7 +341,8 @@ class PostgresStorage(Storage):
                 ), strict=True):  # fmt: skip
                     column.append(value)
         nows = [r.now for r in batch]
-        rows = await self._statement(ADMIT_CALL, self.replica, nows, *a, *c)
+        # Batches are per process, and a process is one replica.
+        rows = await self._statement(ADMIT_CALL, batch[0].replica, nows, *a, *c)
         heads: dict[int, asyncpg.Record] = {}
         counters: dict[int, dict[CounterKey, tuple[int, int]]] = {}
         keys = [{(ch.key.scope, ch.key.kind, ch.key.start): ch.key for ch in r.changes}
@@ -342,7 +355,7 @@ class PostgresStorage(Storage):
                 key = keys[i - 1][(row[6], row[7], row[8])]
                 counters.setdefault(i, {})[key] = (int(row[9]), int(row[10]))
         return [
-            Admission(
+            AdmitResult(
                 ok=heads[i][1],
                 new_intent=heads[i][2],
                 paused=heads[i][3],
@@ -385,7 +398,7 @@ class PostgresStorage(Storage):
             raise StorageUnavailable(f"{redact(self.url)}: {type(e).__name__}: {e}") from None
         return (True, row[0]) if row is not None else (False, None)
 
-    async def upkeep(self, now: float, replica_ttl: float | None) -> int:
+    async def upkeep(self, replica: str, now: float, replica_ttl: float | None) -> int:
         """Heartbeat this replica; release the leases of replicas silent for `replica_ttl`
         (a crashed replica's reservations must not hold budget forever; None: release
         none); prune what no window uses."""
@@ -394,11 +407,11 @@ class PostgresStorage(Storage):
             await conn.execute(
                 "INSERT INTO replicas (id, last_seen) VALUES ($1, $2) ON CONFLICT (id)"
                 " DO UPDATE SET last_seen = excluded.last_seen",
-                self.replica, now,
+                replica, now,
             )  # fmt: skip
             dead = [] if replica_ttl is None else [r[0] for r in await conn.fetch(
                 "SELECT id FROM replicas WHERE last_seen < $1 AND id <> $2 FOR UPDATE SKIP LOCKED",
-                now - replica_ttl, self.replica,
+                now - replica_ttl, replica,
             )]  # fmt: skip
             released = 0
             if dead:
@@ -438,6 +451,25 @@ class PostgresStorage(Storage):
 
         released: int = await self._run(work)
         return released
+
+    async def release_lease(self, lease: str) -> None:
+        """A reservation given back whole (the call was refused after all): its counters'
+        reserved amounts go down by what it holds, and the lease is gone."""
+
+        async def work(conn: asyncpg.Connection) -> None:
+            row = await conn.fetchrow(
+                "DELETE FROM reservations WHERE id = $1 RETURNING amount, counters", lease
+            )
+            if row is None:
+                return
+            for key in sorted(_load(row["counters"]), key=_key_order):
+                await conn.execute(
+                    "UPDATE budget_counters SET reserved = reserved - $4"
+                    " WHERE scope = $1 AND kind = $2 AND window_start = $3",
+                    key.scope, key.kind, key.start, row["amount"],
+                )  # fmt: skip
+
+        await self._run(work)
 
     async def claim_alert(self, key: str, now: float) -> bool:
         """True for the one replica that gets to send this alert."""

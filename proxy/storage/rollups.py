@@ -6,15 +6,40 @@ Python runs per row. SQLite counts committed rows past a progress mark
 (`rollup_progress`), off the write path; PostgreSQL, shared by replicas, counts the rows a
 transaction really inserted, in that transaction. Either way a replayed row (same id,
 `ON CONFLICT DO NOTHING`) is never counted twice.
+
+Money is summed as two integers, whole micro-USD and the pico-USD remainder (see
+migration m005): a sum of 64-bit costs could overflow 64 bits, these cannot below
+$9.2 trillion. `Totals.cost_pico` joins them again, exactly.
 """
 
 from __future__ import annotations
 
-from proxy.storage.migrations import ROLLUPS, SUMS
-
 BUCKET_SECONDS = 900
-INTENT_SUMS = ("requests", "llm_calls", "input_tokens", "output_tokens", "cost_pico", "unpriced")
-# What each call row adds, in the order of migrations.SUMS; also used by reports.
+# The rollup tables and their key columns besides the bucket (wide one first: it serves
+# agent-filtered reports; the narrow ones serve unfiltered reports, with far fewer rows).
+ROLLUPS = {
+    "rollup_15m": ("agent", "model", "upstream"),
+    "rollup_agent_15m": ("agent",),
+    "rollup_model_15m": ("model",),
+    "rollup_upstream_15m": ("upstream",),
+}
+# Their sum columns, and what each call row adds to them (same order; reports use both).
+SUMS = (
+    "requests",
+    "llm_calls",
+    "refused",
+    "errors",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cache_write_tokens",
+    "cost_micro",
+    "cost_pico_rem",
+    "unpriced",
+)
+COST_MICRO = "COALESCE(cost_pico, 0) / 1000000"
+COST_REM = "COALESCE(cost_pico, 0) % 1000000"
 CALL_SUMS = (
     "COUNT(*)",
     "SUM(llm_calls)",
@@ -25,21 +50,33 @@ CALL_SUMS = (
     "SUM(output_tokens)",
     "SUM(reasoning_tokens)",
     "SUM(cache_write_tokens)",
-    "SUM(COALESCE(cost_pico, 0))",
+    f"SUM({COST_MICRO})",
+    f"SUM({COST_REM})",
     "SUM(CASE WHEN cost_pico IS NULL AND llm_calls > 0 THEN 1 ELSE 0 END)",
 )
+assert len(CALL_SUMS) == len(SUMS)
 KEY_EXPRESSIONS = {
     "agent": "agent",
     "intent": "COALESCE(intent, '')",
     "model": "COALESCE(model_requested, model_served, '')",
     "upstream": "COALESCE(upstream, '')",
 }
+INTENT_SUMS = (
+    "requests",
+    "llm_calls",
+    "input_tokens",
+    "output_tokens",
+    "cost_micro",
+    "cost_pico_rem",
+    "unpriced",
+)
 _INTENT_VALUES = (
     "COUNT(*)",
     "SUM(llm_calls)",
     "SUM(input_tokens)",
     "SUM(output_tokens)",
-    "SUM(COALESCE(cost_pico, 0))",
+    f"SUM({COST_MICRO})",
+    f"SUM({COST_REM})",
     "SUM(CASE WHEN cost_pico IS NULL AND llm_calls > 0 THEN 1 ELSE 0 END)",
 )
 
@@ -69,14 +106,14 @@ def rollup_statements(dialect: str, where: str) -> list[str]:
             f"GROUP BY {groups}{order.format(groups)} "
             f"ON CONFLICT (bucket, {', '.join(keys)}) DO UPDATE SET {update}"
         )
-    columns = ("intent", "agent", "first_seen", "last_seen", *INTENT_SUMS)
+    columns = ("agent", "intent", "first_seen", "last_seen", *INTENT_SUMS)
     update = ", ".join(f"{c} = intents.{c} + excluded.{c}" for c in INTENT_SUMS)
     out.append(
         f"INSERT INTO intents ({', '.join(columns)}) "
-        f"SELECT intent, MIN(agent), MIN(started_at), MAX(started_at), {', '.join(_INTENT_VALUES)} "
+        f"SELECT agent, intent, MIN(started_at), MAX(started_at), {', '.join(_INTENT_VALUES)} "
         f"FROM calls WHERE ({where}) AND intent IS NOT NULL AND refused = 0 "
-        f"GROUP BY intent{order.format('intent')} "
-        f"ON CONFLICT (intent) DO UPDATE SET"
+        f"GROUP BY agent, intent{order.format('agent, intent')} "
+        f"ON CONFLICT (agent, intent) DO UPDATE SET"
         f" first_seen = {least}(intents.first_seen, excluded.first_seen),"
         f" last_seen = {greatest}(intents.last_seen, excluded.last_seen), {update}"
     )

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from proxy.records import CallRecord
-from proxy.storage.base import INSERT_CALL, Storage, StorageError
+from proxy.storage.base import INSERT_CALL, SpendKeys, Storage, StorageError
 from proxy.storage.rollups import rollup_statements
 
 T = TypeVar("T")
@@ -179,7 +179,11 @@ class SqliteStorage(Storage):
                 await self.sync_rollups()
                 await self._on_writer(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
             self._jobs.put(None)
-            await asyncio.to_thread(self._writer.join)
+            # A writer stuck in the database (busy for 30 s) must not hold up the exit: it is
+            # a daemon thread, and the ledger has already saved what it could not write.
+            writer = self._writer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(writer.join, 10.0), 11.0)
             self._writer = None
         if self._reader is not None:
             with contextlib.suppress(sqlite3.Error):
@@ -187,6 +191,15 @@ class SqliteStorage(Storage):
             self._reader = None
 
     # -- writes ----------------------------------------------------------------------------
+
+    def is_permanent(self, error: BaseException) -> bool:
+        if isinstance(error, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                              sqlite3.ProgrammingError)):  # fmt: skip
+            return True
+        if isinstance(error, sqlite3.OperationalError):
+            text = str(error).lower()
+            return any(w in text for w in ("overflow", "too big", "mismatch", "no such column"))
+        return super().is_permanent(error)
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return await self._on_writer(
@@ -206,9 +219,13 @@ class SqliteStorage(Storage):
         await self._on_writer(lambda conn: self._transaction(conn, work))
 
     def write_calls_then(
-        self, records: Sequence[CallRecord], done: Callable[[BaseException | None], None]
+        self,
+        records: Sequence[CallRecord],
+        done: Callable[[BaseException | None], None],
+        spend_keys: SpendKeys | None = None,
     ) -> None:
-        """Straight onto the writer thread; it calls `done` back on the loop."""
+        """Straight onto the writer thread; it calls `done` back on the loop. (Budget
+        counters live in memory with SQLite: `spend_keys` is not needed.)"""
         rows = [r.as_row() for r in records]
         loop = asyncio.get_running_loop()
 
@@ -230,7 +247,9 @@ class SqliteStorage(Storage):
             return
         self._jobs.put((work, None, None))
 
-    async def write_calls(self, records: Sequence[CallRecord]) -> None:
+    async def write_calls(
+        self, records: Sequence[CallRecord], spend_keys: SpendKeys | None = None
+    ) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def done(error: BaseException | None) -> None:

@@ -127,12 +127,12 @@ async def test_header_flood_and_oversized_header(proxy: Proxy, caplog: Any) -> N
     try:
         flood = b"".join(b"X-H%d: v\r\n" % i for i in range(300))
         status, _ = await raw_request(
-            proxy, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + flood + b"\r\n"
+            proxy, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + flood + b"\r\n"
         )
         assert status in (400, 431)
         huge = b"X-Big: " + b"a" * 20_000 + b"\r\n"
         status, _ = await raw_request(
-            proxy, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + huge + b"\r\n"
+            proxy, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + huge + b"\r\n"
         )
         assert status in (400, 431)
     finally:
@@ -147,7 +147,7 @@ async def test_slow_loris_connections_are_closed(make_proxy: ProxyFactory) -> No
     proxy = await make_proxy(keepalive_timeout=0.5)
     assert proxy.server.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
     await writer.drain()
     closed = await asyncio.wait_for(reader.read(), timeout=5)  # EOF: the server hung up
     assert closed == b""
@@ -160,7 +160,7 @@ async def test_a_body_that_never_finishes_is_408(make_proxy: ProxyFactory, fake:
     proxy = await make_proxy(body_timeout=0.3)
     status, payload = await raw_request(
         proxy,
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b'Content-Length: 1000\r\n\r\n{"model": "gpt-4o",',  # 980 bytes never come
     )
     assert status == 408 and json.loads(payload)["error"]["code"] == "request_timeout"

@@ -22,18 +22,14 @@ from tests.conftest import Proxy, ProxyFactory, raw_request
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize(
-    "request_line",
-    [
-        b"GET http://evil.example:9/v1/models HTTP/1.1\r\nHost: evil.example:9",  # absolute URI
-        b"GET /v1/models HTTP/1.1\r\nHost: evil.example:9",  # a Host header elsewhere
-    ],
-)
-async def test_requests_only_ever_go_to_the_configured_upstream(
-    proxy: Proxy, fake: Any, request_line: bytes
-) -> None:
+async def test_requests_only_ever_go_to_the_configured_upstream(proxy: Proxy, fake: Any) -> None:
     upstream, _ = fake
-    status, body = await raw_request(proxy, request_line + b"\r\nConnection: close\r\n\r\n")
+    # An absolute URI names another server: the path is what counts, the proxy's upstream
+    # is where it goes.
+    status, body = await raw_request(
+        proxy, b"GET http://evil.example:9/v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Connection: close\r\n\r\n",
+    )  # fmt: skip
     assert status == 200 and b'"gpt-4o"' in body
     assert [r.path for r in upstream.requests] == ["/v1/models"]  # it reached the fake: no one else
 
@@ -53,7 +49,7 @@ async def test_requests_only_ever_go_to_the_configured_upstream(
 async def test_paths_cannot_climb_out(proxy: Proxy, fake: Any, path: bytes) -> None:
     upstream, _ = fake
     status, _body = await raw_request(
-        proxy, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        proxy, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     assert status in (400, 404)
     assert upstream.requests == []

@@ -1,0 +1,409 @@
+"""The admission decision, pure: no I/O, no clock (callers pass `now`).
+
+`plan_admission` turns the policies that apply to a call into demands on counters: what
+admitting it adds to each, and the cap its block and pause limits allow. A counter store
+(in memory, or PostgreSQL for replicas) checks every cap and applies every demand, all or
+nothing, and answers with the counters as they were (`Outcome`). `decide` then reads that
+answer: which limit refused the call and why, which alerts and dry-run (shadow) refusals
+it raises. Both stores run the same two functions, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from proxy.money import usd_sig
+from proxy.policy import (
+    COST_LIMITS,
+    COST_WINDOWS,
+    INTENT_COST_LIMIT,
+    INTENT_LIMITS,
+    LOOP_CODE,
+    REFUSING,
+    REQUESTS_LIMIT,
+    Action,
+    Policy,
+    PolicySet,
+)
+from proxy.storage.base import CounterKey
+from proxy.windows import Calendar
+
+GLOBAL = "global"
+LIFETIME = (0.0, 1e18)  # the "window" of an intent's lifetime counter
+_SEP = "\x1f"  # ids cannot contain control characters (proxy.ids): a safe separator
+
+
+def agent_scope(agent: str) -> str:
+    return f"agent:{agent}"
+
+
+def intent_scope(agent: str, intent: str) -> str:
+    """An intent lives in its agent's lane: another agent using the same id is another
+    intent, so no agent can spend or pause someone else's task."""
+    return f"intent:{agent}{_SEP}{intent}"
+
+
+def intent_key(agent: str, intent: str) -> CounterKey:
+    return CounterKey(intent_scope(agent, intent), "cost:life", *LIFETIME)
+
+
+def split_scope(scope: str) -> tuple[str, str, str | None]:
+    """`agent:a` -> ("agent", "a", None); `intent:a\\x1fi` -> ("intent", "a", "i")."""
+    kind, _, rest = scope.partition(":")
+    if kind == GLOBAL:
+        return GLOBAL, "", None
+    first, sep, second = rest.partition(_SEP)
+    return kind, first, second if sep else None
+
+
+# -- what applies to an agent ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Applicable:
+    scope: str  # "agent" or "global"
+    subject: str  # the agent's name, or "global"
+    policy: Policy
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What applies to one agent under the policies in force, worked out once."""
+
+    applicable: tuple[Applicable, ...]
+    needs_estimate: bool  # a cost limit applies: admission needs the call's cost
+    loop_policy: Policy | None  # whose loop guard applies (the agent's own, else global)
+    refuses: bool  # some limit blocks or pauses (what fail-closed protects)
+
+
+def make_plan(policies: PolicySet, agent: str) -> Plan:
+    applicable = []
+    policy, _ = policies.for_agent(agent)
+    if policy is not None:
+        applicable.append(Applicable("agent", agent, policy))
+    g = policies.global_policy
+    if g is not None:
+        applicable.append(Applicable(GLOBAL, GLOBAL, g))
+    loop = None
+    if policy is not None and policy.loop_guard is not None:
+        loop = policy
+    elif g is not None and g.loop_guard is not None:
+        loop = g
+    return Plan(
+        tuple(applicable),
+        any(a.policy.has_cost_limit for a in applicable),
+        loop,
+        any(a.policy.refuses for a in applicable),
+    )
+
+
+# -- demands -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit that applies to a call, and the counter it reads."""
+
+    scope: str  # agent, global or intent
+    subject: str  # the agent's name, "global", or the intent id
+    name: str  # the limit's key, e.g. max_cost_per_day_usd
+    money: bool  # pico-USD (True) or a count
+    value: int
+    action: Action
+    key: CounterKey
+    new_only: bool = False  # counts a new intent: applies only when the intent is new
+
+    @property
+    def resets_at(self) -> float | None:
+        return None if self.key.kind == "cost:life" else self.key.end
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What admitting a call adds to one counter, and the most used + reserved may be
+    before it (None: not checked)."""
+
+    key: CounterKey
+    add_used: int
+    add_reserved: int
+    cap: int | None
+    new_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSpec:
+    intent: str
+    digest: bytes
+    since: float  # hits after this moment count
+    max: int | None  # refuse at this many hits already seen; None: counted, not enforced
+    policy: Policy
+
+
+@dataclass
+class Admission:
+    agent: str
+    intent: str | None
+    amount: int  # pico-USD reserved
+    now: float
+    demands: list[Demand]  # in key order: counter stores lock them in this order
+    limits: list[Limit]
+    spend_keys: list[CounterKey]  # every counter the call's cost goes to
+    loop: LoopSpec | None = None
+
+    @property
+    def intent_key(self) -> CounterKey | None:
+        return intent_key(self.agent, self.intent) if self.intent is not None else None
+
+    @property
+    def reserving(self) -> list[CounterKey]:
+        """The counters holding this call's reservation, limited ones first."""
+        keys = [d.key for d in self.demands if d.add_reserved]
+        seen = set(keys)
+        return keys + [k for k in self.spend_keys if k not in seen]
+
+
+def spend_keys(agent: str, intent: str | None, calendar: Calendar, at: float) -> list[CounterKey]:
+    """Every counter a call's cost goes to, limited or not (views show them all)."""
+    keys = [
+        CounterKey(scope, f"cost:{window}", *calendar.window(window, at))
+        for scope in (agent_scope(agent), GLOBAL)
+        for window in COST_WINDOWS
+    ]
+    if intent is not None:
+        keys.append(intent_key(agent, intent))
+    return keys
+
+
+def plan_limits(
+    plan: Plan,
+    agent: str,
+    intent: str | None,
+    calendar: Calendar,
+    now: float,
+    *,
+    counting: bool = True,
+    views: bool = False,
+) -> list[Limit]:
+    """The limits that apply to a call of `agent` (under `intent`). `counting=False`
+    leaves out the count limits (an extension of an admitted call, a standing check);
+    `views=True` includes intent counts even without an intent (a status page)."""
+    out = []
+    for app in plan.applicable:
+        policy, action = app.policy, app.policy.action
+        scope = agent_scope(agent) if app.scope == "agent" else GLOBAL
+        for name, window in COST_LIMITS.items():
+            if window in policy.cost:
+                key = CounterKey(scope, f"cost:{window}", *calendar.window(window, now))
+                out.append(Limit(app.scope, app.subject, name, True, policy.cost[window],
+                                 action, key))  # fmt: skip
+        if counting and policy.requests_per_minute is not None:
+            key = CounterKey(scope, "requests:minute", *calendar.window("minute", now))
+            out.append(Limit(app.scope, app.subject, REQUESTS_LIMIT, False,
+                             policy.requests_per_minute, action, key))  # fmt: skip
+        if counting and (intent is not None or views):
+            for name, window in INTENT_LIMITS.items():
+                if window in policy.intents:
+                    key = CounterKey(scope, f"intents:{window}", *calendar.window(window, now))
+                    out.append(Limit(app.scope, app.subject, name, False, policy.intents[window],
+                                     action, key, new_only=True))  # fmt: skip
+        if intent is not None and policy.cost_per_intent is not None:
+            out.append(Limit("intent", intent, INTENT_COST_LIMIT, True, policy.cost_per_intent,
+                             action, intent_key(agent, intent)))  # fmt: skip
+    return out
+
+
+def plan_admission(
+    plan: Plan,
+    agent: str,
+    intent: str | None,
+    amount: int,
+    calendar: Calendar,
+    now: float,
+    digest: bytes | None = None,
+    *,
+    counting: bool = True,
+) -> Admission:
+    """The demands of one call: each limit's counter gets what the call adds (its cost
+    reserved, or 1), capped at what the limit allows when the limit blocks or pauses.
+    `counting=False`: an extension of an admitted call, or a standing check."""
+    limits = plan_limits(plan, agent, intent, calendar, now, counting=counting)
+    adds: dict[CounterKey, tuple[int, int, bool]] = {}
+    caps: dict[CounterKey, int | None] = {}
+    for lim in limits:
+        adds[lim.key] = (0, amount, False) if lim.money else (1, 0, lim.new_only)
+        caps.setdefault(lim.key, None)
+        if lim.action in REFUSING:
+            cap = lim.value - (amount if lim.money else 1)
+            old = caps[lim.key]
+            caps[lim.key] = cap if old is None else min(old, cap)
+    if intent is not None and any(a.policy.intents for a in plan.applicable):
+        # Whether the intent is new is read from its lifetime counter.
+        key = intent_key(agent, intent)
+        adds.setdefault(key, (0, amount, False))
+        caps.setdefault(key, None)
+    ordered = sorted(adds, key=lambda k: (k.scope, k.kind, k.start))
+    demands = [Demand(k, *adds[k][:2], caps[k], adds[k][2]) for k in ordered]
+    loop = None
+    guard_policy = plan.loop_policy
+    if counting and digest is not None and guard_policy is not None:
+        guard = guard_policy.loop_guard
+        assert guard is not None
+        blocking = guard.max_identical_requests if guard_policy.refuses else None
+        loop = LoopSpec(intent or "", digest, now - guard.window_seconds, blocking, guard_policy)
+    return Admission(agent, intent, amount, now, demands, limits,
+                     spend_keys(agent, intent, calendar, now), loop)  # fmt: skip
+
+
+# -- the decision ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """A counter store's answer to an admission: whether every cap held (and so every
+    demand was applied), and the counters as they were before it."""
+
+    ok: bool
+    new_intent: bool = False
+    paused: bool = False
+    paused_reason: str | None = None
+    loop_seen: int = 0
+    before: dict[CounterKey, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    scope: str  # "agent", "global" or "intent"
+    subject: str  # the agent name, "global", or the intent id
+    limit: str  # the limit's key, e.g. max_cost_per_day_usd
+    money: bool  # True: values are pico-USD; False: counts
+    limit_value: int
+    used: int
+    reserved: int
+    amount: int  # what this call adds: its cost, or 1
+    action: str
+    resets_at: float | None  # None: lifetime (intent)
+
+    @property
+    def remaining(self) -> int:
+        return self.limit_value - self.used - self.reserved
+
+    @property
+    def breached(self) -> bool:
+        return self.used + self.reserved + self.amount > self.limit_value
+
+
+def checks(adm: Admission, outcome: Outcome) -> list[Check]:
+    out = []
+    for lim in adm.limits:
+        if lim.new_only and not outcome.new_intent:
+            continue
+        used, reserved = outcome.before.get(lim.key, (0, 0))
+        out.append(Check(lim.scope, lim.subject, lim.name, lim.money, lim.value, used, reserved,
+                         adm.amount if lim.money else 1, lim.action, lim.resets_at))  # fmt: skip
+    if adm.loop is not None and (guard := adm.loop.policy.loop_guard) is not None:
+        out.append(Check("agent", adm.agent, LOOP_CODE, False, guard.max_identical_requests,
+                         outcome.loop_seen, 0, 1, adm.loop.policy.action,
+                         adm.now + guard.window_seconds))  # fmt: skip
+    return out
+
+
+def breaches(all_checks: Iterable[Check]) -> list[Check]:
+    return [c for c in all_checks if c.breached]
+
+
+def decisive(breached: Sequence[Check]) -> Check | None:
+    """The breach that refuses the call: pause before block; then the tightest remainder."""
+    refusing = [c for c in breached if c.action in REFUSING]
+    if not refusing:
+        return None
+    return min(refusing, key=lambda c: (c.action != "pause", not c.money, c.remaining))
+
+
+@dataclass
+class Decision:
+    admitted: bool
+    refusal: Check | None = None  # the limit that refused it (None: paused, or admitted)
+    paused: bool = False  # refused because the agent is paused
+    alerts: list[Check] = field(default_factory=list)  # alert-action breaches (let through)
+    shadows: list[Check] = field(default_factory=list)  # dry-run limits that would refuse
+
+
+def decide(adm: Admission, outcome: Outcome, extra: Sequence[Check] = ()) -> Decision:
+    """What the store's answer means. `extra` are checks no store enforces (they only
+    read counters): a refusing breach among them refuses a call the store admitted, and
+    the caller must release its reservation."""
+    return decide_breached(breaches([*checks(adm, outcome), *extra]), outcome)
+
+
+def decide_breached(breached: Sequence[Check], outcome: Outcome) -> Decision:
+    alerts = [c for c in breached if c.action == "alert"]
+    shadows = [c for c in breached if c.action == "shadow"]
+    if outcome.paused:
+        return Decision(False, paused=True, alerts=alerts, shadows=shadows)
+    refusal = decisive(breached)
+    return Decision(outcome.ok and refusal is None, refusal, False, alerts, shadows)
+
+
+# -- the words of a refusal --------------------------------------------------------------------
+
+
+def _describe_scope(check: Check) -> str:
+    if check.scope == GLOBAL:
+        return "all agents together"
+    return f"{check.scope} '{check.subject}'"
+
+
+def _amounts(check: Check, *values: int) -> list[str]:
+    """Amounts as a person can tell apart: enough significant digits, in one format."""
+    if not check.money:
+        return [str(v) for v in values]
+    return [f"${s}" for s in usd_sig(*values)]
+
+
+def refusal_message(check: Check, calendar: Calendar, now: float) -> str:
+    if check.limit == LOOP_CODE:
+        return (
+            f"agent '{check.subject}' sent the same request {check.used + 1} times within the"
+            f" loop guard's window (limit {check.limit_value}): this looks like a runaway loop"
+        )
+    left = max(check.remaining, 0)
+    used, limit, reserved, amount, remains = _amounts(
+        check, check.used, check.limit_value, check.reserved, check.amount, left
+    )
+    parts = [f"{_describe_scope(check)} reached {check.limit}: used {used} of {limit}"]
+    if check.reserved:
+        parts.append(f" ({reserved} reserved by calls in flight)")
+    if check.money and check.amount:
+        parts.append(f"; this call could cost up to {amount} but only {remains} remains")
+    if check.resets_at is None:
+        parts.append("; this limit is for the intent's lifetime and does not reset")
+    else:
+        wait = max(int(check.resets_at - now), 0)
+        parts.append(f"; resets at {calendar.iso(check.resets_at)} (in {duration(wait)})")
+    return "".join(parts)
+
+
+def pause_reason(check: Check, calendar: Calendar, now: float) -> str:
+    used, limit = _amounts(check, check.used, check.limit_value)
+    return (
+        f"breached {check.limit} at {calendar.iso(now)}: {_describe_scope(check)} used"
+        f" {used} of {limit}"
+    )
+
+
+def retry_after(check: Check, now: float) -> int | None:
+    if check.resets_at is None or check.action == "pause":
+        return None
+    return max(math.ceil(check.resets_at - now), 1)
+
+
+def duration(seconds: int) -> str:
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"

@@ -1,0 +1,145 @@
+"""Budget policies: the limits an agent's owner sets, parsed and validated.
+
+A policy sets limits for a scope: one agent, `defaults` (every agent without its own),
+`global` (all agents together). Pure data; the admission decision is `proxy.admission`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from proxy.bounds import MAX_COUNT, MAX_LIMIT_USD
+from proxy.money import usd_to_pico
+from proxy.schema import FieldError, Section
+
+Action = Literal["block", "alert", "pause", "shadow"]
+ACTIONS: tuple[Action, ...] = ("block", "alert", "pause", "shadow")
+REFUSING: frozenset[str] = frozenset({"block", "pause"})  # actions that stop a call
+
+COST_LIMITS = {
+    "max_cost_per_hour_usd": "hour",
+    "max_cost_per_day_usd": "day",
+    "max_cost_per_week_usd": "week",
+    "max_cost_per_month_usd": "month",
+}
+INTENT_LIMITS = {"max_intents_per_hour": "hour", "max_intents_per_day": "day"}
+REQUESTS_LIMIT = "max_requests_per_minute"
+INTENT_COST_LIMIT = "max_cost_per_intent_usd"
+POLICY_KEYS = (
+    *COST_LIMITS,
+    *INTENT_LIMITS,
+    REQUESTS_LIMIT,
+    INTENT_COST_LIMIT,
+    "action_on_breach",
+    "loop_guard",
+)
+COST_WINDOWS = ("hour", "day", "week", "month")
+INTENT_WINDOWS = ("hour", "day")
+LOOP_CODE = "loop_detected"
+PAUSED_CODE = "agent_paused"
+
+
+@dataclass(frozen=True, slots=True)
+class LoopGuard:
+    max_identical_requests: int
+    window_seconds: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    cost: Mapping[str, int] = field(default_factory=dict)  # window -> pico-USD
+    intents: Mapping[str, int] = field(default_factory=dict)  # window -> distinct intents
+    requests_per_minute: int | None = None
+    cost_per_intent: int | None = None
+    action: Action = "block"
+    loop_guard: LoopGuard | None = None
+    source: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def has_cost_limit(self) -> bool:
+        return bool(self.cost) or self.cost_per_intent is not None
+
+    @property
+    def refuses(self) -> bool:
+        return self.action in REFUSING
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.source)
+
+
+def parse_policy(section: Section, *, scope: str = "agent") -> Policy:
+    """A policy mapping (config or admin API); raises FieldError naming the key."""
+    section.check_unknown(POLICY_KEYS)
+    cost = {}
+    for key, window in COST_LIMITS.items():
+        amount = section.usd(key, None, max=MAX_LIMIT_USD)
+        if amount is not None:
+            cost[window] = usd_to_pico(amount)
+    intents = {w: section.integer(k, None, min=0, max=MAX_COUNT) for k, w in INTENT_LIMITS.items()}
+    action = section.choice("action_on_breach", ACTIONS, "block")
+    if scope == "global" and action == "pause":
+        section.fail("action_on_breach", "pause applies to one agent; use block for global")
+    per_intent = section.usd(INTENT_COST_LIMIT, None, max=MAX_LIMIT_USD)
+    guard = None
+    if section.has("loop_guard"):
+        g = section.section("loop_guard")
+        g.check_unknown(("max_identical_requests", "window_seconds"))
+        guard = LoopGuard(
+            g.integer("max_identical_requests", min=1, max=MAX_COUNT),
+            g.number("window_seconds", min=0.001, max=31 * 86400),
+        )
+    source = {k: v for k, v in section.data.items() if v is not None}
+    return Policy(
+        cost=cost,
+        intents={w: n for w, n in intents.items() if n is not None},
+        requests_per_minute=section.integer(REQUESTS_LIMIT, None, min=0, max=MAX_COUNT),
+        cost_per_intent=usd_to_pico(per_intent) if per_intent is not None else None,
+        action=action,
+        loop_guard=guard,
+        source=source,
+    )
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Config policies plus API-set ones; an API-set agent policy wins over the config's."""
+
+    global_policy: Policy | None = None
+    defaults: Policy | None = None
+    agents: Mapping[str, Policy] = field(default_factory=dict)
+    api: Mapping[str, Policy] = field(default_factory=dict)
+
+    def for_agent(self, agent: str) -> tuple[Policy | None, str | None]:
+        if agent in self.api:
+            return self.api[agent], "api"
+        if agent in self.agents:
+            return self.agents[agent], "config"
+        if self.defaults is not None:
+            return self.defaults, "defaults"
+        return None, None
+
+    def with_api(self, api: Mapping[str, Policy]) -> PolicySet:
+        return PolicySet(self.global_policy, self.defaults, self.agents, dict(api))
+
+    def names(self) -> set[str]:
+        return set(self.agents) | set(self.api)
+
+
+def parse_policies(section: Section) -> PolicySet:
+    agents = section.section("agents")
+    return PolicySet(
+        global_policy=parse_policy(section.section("global"), scope="global")
+        if section.has("global")
+        else None,
+        defaults=parse_policy(section.section("defaults")) if section.has("defaults") else None,
+        agents={str(name): parse_policy(agents.section(name)) for name in agents.data},
+    )
+
+
+def validate_policy_json(data: object) -> Policy:
+    """A policy from the admin API; FieldError names the bad key."""
+    if not isinstance(data, dict):
+        raise FieldError("(body)", data, "a policy must be a JSON object")
+    return parse_policy(Section(data))
