@@ -19,6 +19,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from proxy import events
 from proxy.config import AlertsConfig
+from proxy.records import CallRecord
 
 log = logging.getLogger("meterproxy.alerts")
 # Refusal-like events repeat on every call of a stuck agent: one per key per interval.
@@ -162,7 +163,10 @@ class UpstreamWatch:
         self._streak: dict[str, int] = {}
         self._alerted: set[str] = set()
 
-    def observe(self, upstream: str | None, status: int, forwarded: bool, now: float) -> None:
+    def call_ended(
+        self, record: CallRecord, upstream_seconds: float | None, forwarded: bool
+    ) -> None:
+        upstream, status, now = record.upstream, record.status, record.ended_at
         if upstream is None or not forwarded:
             return
         if status >= 500 or status == 0:

@@ -81,9 +81,10 @@ def create_app(config: Config, options: Options | None = None) -> web.Applicatio
     app.cleanup_ctx.append(_storage_ctx(config))
     app.cleanup_ctx.append(_services_ctx(config))
     app.cleanup_ctx.append(_background_ctx)
-    for prefix in ("/v1", "/v1beta", "/openai", "/upload"):
-        app.router.add_route("*", prefix + "/{tail:.*}", proxy_handler)
-        app.router.add_route("*", "/agents/{agent}" + prefix + "/{tail:.*}", proxy_handler)
+    for prefix in ("v1", "v1beta", "openai", "upload"):
+        handler = proxy_handler(prefix)
+        app.router.add_route("*", f"/{prefix}/{{tail:.*}}", handler)
+        app.router.add_route("*", f"/agents/{{agent}}/{prefix}/{{tail:.*}}", handler)
     app.router.add_get("/meter/health", health)
 
     async def metrics(request: web.Request) -> web.Response:
@@ -180,6 +181,7 @@ def _services_ctx(
             svc.call_sink = options.call_sink
         svc.metrics = Metrics(lambda: svc.enforcer, clock, lambda: _ledger_metrics(svc))
         svc.watch = UpstreamWatch(bus, config.alerts.upstream_failures)
+        svc.observers = [svc.metrics, svc.watch]
         svc.alerts = AlertSender(config.alerts, svc.client)
         bus.subscribe(svc.alerts)
         app[SERVICES] = svc

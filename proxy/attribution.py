@@ -42,14 +42,26 @@ class KeyRing:
         return self._agents.get(key_digest(presented))
 
 
-def presented_key(headers: CIMultiDictProxy[str]) -> str | None:
+# Where each SDK carries its key: OpenAI (Authorization), Azure (api-key), Anthropic
+# (x-api-key), Gemini (x-goog-api-key, or ?key= in the URL).
+_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
+
+
+def presented_key(
+    headers: CIMultiDictProxy[str], query: Mapping[str, str] | None = None
+) -> str | None:
     auth = headers.get("Authorization")
     if auth is not None:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    api_key = headers.get("api-key")
-    return api_key.strip() if api_key else None
+    for name in _KEY_HEADERS:
+        found = headers.get(name)
+        if found and found.strip():
+            return found.strip()
+    if query is not None and query.get("key"):
+        return query["key"].strip()
+    return None
 
 
 def _checked(value: str, what: str, source: str) -> str:
@@ -63,6 +75,7 @@ def identify(
     headers: CIMultiDictProxy[str],
     path_agent: str | None,
     *,
+    query: Mapping[str, str] | None = None,
     keys: KeyRing,
     agent_header: str,
     intent_header: str,
@@ -72,7 +85,7 @@ def identify(
     intent_value = headers.get(intent_header)
     intent = _checked(intent_value, "intent", f"header {intent_header}") if intent_value else None
     if keys:
-        key = presented_key(headers)
+        key = presented_key(headers, query)
         if key is None:
             raise ProxyFault(
                 401,

@@ -9,7 +9,6 @@ import gc
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import urllib.error
@@ -22,6 +21,7 @@ from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
 from proxy.hosts import is_loopback_host
 from proxy.pricing import PricingError, load_price_table
+from proxy.redact import redact_url
 from proxy.storage import StorageError
 
 log = logging.getLogger("meterproxy")
@@ -162,11 +162,6 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
     log.info("stopped")
     handler.flush()
     return 0
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password, for logs."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 # -- check, report, price, pricing import ----------------------------------------------

@@ -23,6 +23,14 @@ from proxy.pricing import bundled_pricing_path
 from proxy.schema import MISSING, FieldError, Section, yaml_line
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+PROVIDERS = ("openai", "anthropic", "azure", "gemini")
+# Where a provider's calls go when no upstream of that provider is configured (and no
+# proxy keys are: then every upstream must carry its own key). Azure has no default: its
+# endpoint is per resource.
+IMPLICIT_UPSTREAMS = {
+    "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
 TOP_KEYS = (
     "server",
     "upstreams",
@@ -58,6 +66,11 @@ class Upstream:
     default: bool = False
     # Ask streams for a usage chunk (stream_options.include_usage) when the client did not.
     inject_usage: bool = True
+    provider: str = "openai"  # the API it speaks: openai | anthropic | azure | gemini
+    deployments: tuple[tuple[str, str], ...] = ()  # Azure: deployment -> model it serves
+    # The tier a call is billed at when it asks for none (or for `auto`): OpenAI projects
+    # can be set to default to priority processing.
+    default_service_tier: str | None = None
     _pattern: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +79,9 @@ class Upstream:
 
     def matches(self, model: str) -> bool:
         return self._pattern is not None and self._pattern.match(model) is not None
+
+    def deployment_model(self, deployment: str) -> str | None:
+        return dict(self.deployments).get(deployment)
 
 
 @dataclass(frozen=True)
@@ -151,12 +167,25 @@ class Config:
                 return upstream
         return self.upstreams[0]
 
-    def upstream_for(self, model: str | None) -> Upstream:
+    def upstream_for(self, model: str | None, provider: str = "openai") -> Upstream | None:
+        """The first upstream of `provider` whose globs match the model, else that
+        provider's default one (the configured default for OpenAI), else the implicit one
+        (Anthropic, Gemini), else None."""
+        candidates = [u for u in self.upstreams if u.provider == provider]
         if model is not None:
-            for upstream in self.upstreams:
+            for upstream in candidates:
                 if upstream.matches(model):
                     return upstream
-        return self.default_upstream
+        if provider == "openai" and self.default_upstream.provider == "openai":
+            return self.default_upstream
+        for upstream in candidates:
+            if upstream.default:
+                return upstream
+        if candidates:
+            return candidates[0]
+        if provider in IMPLICIT_UPSTREAMS and not self.keys:
+            return Upstream(provider, IMPLICIT_UPSTREAMS[provider], provider=provider)
+        return None
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -170,7 +199,8 @@ def _upstreams(top: Section) -> tuple[Upstream, ...]:
     names: set[str] = set()
     for i, item in enumerate(items):
         s = top.item("upstreams", i, item)
-        s.check_unknown(("name", "base_url", "api_key", "models", "default", "inject_usage"))
+        s.check_unknown(("name", "base_url", "api_key", "models", "default", "inject_usage",
+                         "provider", "deployments", "default_service_tier"))  # fmt: skip
         name = s.string("name")
         if name in names:
             s.fail("name", "is used by another upstream")
@@ -179,6 +209,19 @@ def _upstreams(top: Section) -> tuple[Upstream, ...]:
         if not re.match(r"^https?://[^/\s]+", base_url):
             s.fail("base_url", "must be an http:// or https:// URL")
         models: tuple[str, ...] = tuple(s.strings("models"))
+        provider = s.choice("provider", PROVIDERS, "openai")
+        if provider in ("anthropic", "gemini", "azure") and base_url.endswith(("/v1", "/v1beta")):
+            s.fail("base_url", f"for provider {provider}, give the root URL (e.g."
+                   f" {IMPLICIT_UPSTREAMS.get(provider, 'https://NAME.openai.azure.com')}):"
+                   " the API version comes from the client's path")  # fmt: skip
+        deployments = s.section("deployments")
+        pairs = []
+        for dep, model in deployments.data.items():
+            if not isinstance(model, str) or not model:
+                deployments.fail(str(dep), "must name the model the deployment serves")
+            pairs.append((str(dep), model))
+        if pairs and provider != "azure":
+            s.fail("deployments", "only Azure upstreams (provider: azure) have deployments")
         upstreams.append(
             Upstream(
                 name=name,
@@ -187,11 +230,20 @@ def _upstreams(top: Section) -> tuple[Upstream, ...]:
                 models=models,
                 default=s.boolean("default", False),
                 inject_usage=s.boolean("inject_usage", True),
+                provider=provider,
+                deployments=tuple(pairs),
+                default_service_tier=_tier(
+                    s.choice("default_service_tier", ("default", "priority", "flex"), "default")
+                ),
             )
         )
     if sum(u.default for u in upstreams) > 1:
         raise FieldError("upstreams", "(several)", "only one upstream can be the default")
     return tuple(upstreams)
+
+
+def _tier(value: str) -> str | None:
+    return None if value == "default" else value
 
 
 def _keys(top: Section) -> dict[str, str]:

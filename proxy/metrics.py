@@ -132,7 +132,9 @@ class Metrics:
             self._by_key[key] = found
         return found
 
-    def observe(self, record: CallRecord, upstream_seconds: float | None) -> None:
+    def call_ended(
+        self, record: CallRecord, upstream_seconds: float | None, forwarded: bool = False
+    ) -> None:
         agent = self._agent(record.agent)
         model = self._model(record.model_priced or record.model_requested or "-")
         key = (agent, model, record.status)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from proxy.bounds import INT64_MAX
-from proxy.usage import Usage
+from proxy.usage import NONE, Usage
 
 _INTS = ("status", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
          "cache_write_tokens", "llm_calls", "reserved_pico")  # fmt: skip
@@ -18,68 +19,48 @@ _FLOATS = ("started_at", "ended_at", "latency_ms")
 class CallRecord:
     id: str
     started_at: float  # unix seconds
-    ended_at: float
-    agent: str
-    intent: str | None
-    upstream: str | None
-    endpoint: str  # e.g. chat/completions, responses, heartbeat, or the raw path tail
-    method: str
-    model_requested: str | None
-    model_served: str | None
-    model_priced: str | None  # the price-table entry used, None when unpriced
-    status: int
-    stream: bool
-    input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    reasoning_tokens: int
-    cache_write_tokens: int
-    cost_pico: int | None  # None: unpriced (unknown model)
-    usage_source: str
-    service_tier: str | None
-    price_version: str | None
-    latency_ms: float
-    ttfb_ms: float | None
-    error: str | None
-    llm_calls: int  # LLM calls this row stands for: 1 forwarded, 0 refused, N for a heartbeat
-    refused: bool  # refused by a budget, a pause or the loop guard
-    reserved_pico: int  # what admission reserved (audit: actual vs worst case)
+    ended_at: float = 0.0
+    agent: str = "anonymous"
+    intent: str | None = None
+    upstream: str | None = None
+    endpoint: str = ""  # e.g. chat/completions, messages, heartbeat, or the path
+    method: str = "POST"
+    model_requested: str | None = None
+    model_served: str | None = None
+    model_priced: str | None = None  # the price-table entry used, None when unpriced
+    status: int = 0
+    stream: bool = False
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_pico: int | None = 0  # None: unpriced (unknown model, unpriced endpoint)
+    usage_source: str = NONE
+    service_tier: str | None = None
+    price_version: str | None = None
+    latency_ms: float = 0.0
+    ttfb_ms: float | None = None
+    error: str | None = None
+    llm_calls: int = 0  # LLM calls this row stands for: 1 forwarded, 0 refused, N heartbeat
+    refused: bool = False  # refused by a budget, a pause or the loop guard
+    reserved_pico: int = 0  # what admission reserved, extensions included (audit)
+    # Since migration 007:
+    provider: str | None = None  # openai | anthropic | azure | gemini
+    end_user: str | None = None  # the agent's customer (hashed if attribution.hash_users)
+    tags: str | None = None  # X-Meter-Tags, normalised: "env=prod,team=search"
+    response_id: str | None = None  # the provider's id of the response (chains, background)
+    shadow_limit: str | None = None  # a dry-run limit that would have refused this call
 
     @classmethod
     def columns(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        return _COLUMNS
 
     def as_row(self) -> tuple[object, ...]:
-        return (
-            self.id,
-            self.started_at,
-            self.ended_at,
-            self.agent,
-            self.intent,
-            self.upstream,
-            self.endpoint,
-            self.method,
-            self.model_requested,
-            self.model_served,
-            self.model_priced,
-            self.status,
-            int(self.stream),
-            self.input_tokens,
-            self.cached_input_tokens,
-            self.output_tokens,
-            self.reasoning_tokens,
-            self.cache_write_tokens,
-            self.cost_pico,
-            self.usage_source,
-            self.service_tier,
-            self.price_version,
-            self.latency_ms,
-            self.ttfb_ms,
-            self.error,
-            self.llm_calls,
-            int(self.refused),
-            self.reserved_pico,
-        )
+        row = list(_GET(self))
+        row[_STREAM] = int(self.stream)
+        row[_REFUSED] = int(self.refused)
+        return tuple(row)
 
     def problems(self) -> list[str]:
         """Why this row cannot be stored as it is (empty: it can). Every engine stores
@@ -106,7 +87,8 @@ class CallRecord:
 
     @classmethod
     def from_row(cls, row: Sequence[object]) -> CallRecord:
-        """The inverse of `as_row` (rows replayed from a spool file)."""
+        """The inverse of `as_row` (rows replayed from a spool file, including files an
+        older version wrote, with fewer columns: the rest take their defaults)."""
         record = cls(*row)  # type: ignore[arg-type]
         record.stream = bool(record.stream)
         record.refused = bool(record.refused)
@@ -121,3 +103,14 @@ class CallRecord:
         self.usage_source = usage.source
         if usage.service_tier is not None:
             self.service_tier = usage.service_tier
+
+
+_COLUMNS = tuple(f.name for f in fields(CallRecord))
+_GET = operator.attrgetter(*_COLUMNS)
+_STREAM = _COLUMNS.index("stream")
+_REFUSED = _COLUMNS.index("refused")
+
+
+def new_record(id: str, started_at: float, agent: str, endpoint: str, method: str) -> CallRecord:
+    """A call's row as it starts: nothing answered, nothing spent yet."""
+    return CallRecord(id, started_at, agent=agent, endpoint=endpoint, method=method)

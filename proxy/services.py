@@ -18,6 +18,7 @@ from proxy.enforcer import Enforcer
 from proxy.events import EventBus
 from proxy.ledger import LedgerWriter
 from proxy.metrics import Metrics
+from proxy.observers import CallObserver
 from proxy.pricing import PriceTable
 from proxy.records import CallRecord
 from proxy.storage import Storage
@@ -55,6 +56,7 @@ class Services:
     alerts: AlertSender | None = None
     watch: UpstreamWatch | None = None
     call_sink: CallSink = log_call  # `serve` swaps in a direct writer (see calllog)
+    observers: list[CallObserver] = field(default_factory=list)
 
     def client(self) -> ClientSession:
         """The one shared client session (upstreams, webhooks)."""
@@ -64,12 +66,11 @@ class Services:
     def after_call(
         self, record: CallRecord, upstream_seconds: float | None = None, forwarded: bool = False
     ) -> None:
-        """Once per ledger row: the log line, the metrics, the upstream's health."""
+        """Once per ledger row: the log line, then every observer (metrics, the upstreams'
+        health, telemetry). Observers only count or enqueue: this is the hot path."""
         self.call_sink(record, self.enforcer.spent(record.agent, "day", record.started_at))
-        if self.metrics is not None:
-            self.metrics.observe(record, upstream_seconds)
-        if self.watch is not None:
-            self.watch.observe(record.upstream, record.status, forwarded, record.ended_at)
+        for observer in self.observers:
+            observer.call_ended(record, upstream_seconds, forwarded)
 
     def apply_config(self, config: Config) -> None:
         """Swap in a reloaded config: policies, keys, upstreams, attribution."""

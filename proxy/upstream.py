@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import lru_cache
-from urllib.parse import unquote
 
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Timeouts, Upstream
-from proxy.errors import ProxyFault
+from proxy.shapes.base import ApiShape
 
 # RFC 9110 section 7.6.1 hop-by-hop headers, plus those the proxy must recompute.
 HOP_BY_HOP = frozenset(
@@ -28,7 +27,6 @@ HOP_BY_HOP = frozenset(
 )
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 _RESPONSE_DROP = frozenset(HOP_BY_HOP | {"content-length", "date", "server"})
-_CREDENTIALS = frozenset({"authorization", "api-key"})
 
 
 def _skip(base: frozenset[str], headers: CIMultiDictProxy[str]) -> frozenset[str]:
@@ -44,49 +42,46 @@ def _skip(base: frozenset[str], headers: CIMultiDictProxy[str]) -> frozenset[str
     return base | listed
 
 
+# Encodings aiohttp's server decodes before the handler reads the body: a body forwarded
+# after that is decoded, and must not go out labelled as still encoded.
+_DECODED_BY_SERVER = frozenset({"gzip", "deflate", "br", "zstd", "x-gzip"})
+
+
 @lru_cache(maxsize=64)
-def _request_skip(drop: tuple[str, ...], credentials: bool) -> frozenset[str]:
+def _request_skip(
+    drop: tuple[str, ...], credentials: frozenset[str] | None, decoded: bool
+) -> frozenset[str]:
     skip = _REQUEST_DROP | {d.lower() for d in drop}
-    return skip | _CREDENTIALS if credentials else skip
-
-
-@lru_cache(maxsize=4096)  # agents call a handful of paths: check each once
-def check_tail(tail: str) -> str:
-    """The path after /v1/, refused if it could climb out of the upstream's base path."""
-    decoded = unquote(unquote(tail))
-    segments = decoded.replace("\\", "/").split("/")
-    if any(s in (".", "..") for s in segments) or "://" in decoded or tail.startswith("/"):
-        raise ProxyFault(
-            400,
-            "invalid_path",
-            "meterproxy: the request path contains '.' or '..' segments or a URL scheme;"
-            " only paths under /v1/ are forwarded",
-        )
-    return tail
-
-
-def upstream_url(upstream: Upstream, tail: str, query: str) -> str:
-    url = f"{upstream.base_url}/{tail}"
-    return f"{url}?{query}" if query else url
+    if credentials is not None:
+        skip |= credentials
+    if decoded:
+        skip |= {"content-encoding"}
+    return skip
 
 
 def request_headers(
     incoming: CIMultiDictProxy[str],
     upstream: Upstream,
+    shape: ApiShape,
     *,
     drop: Iterable[str],
     replace_credentials: bool,
     identity_encoding: bool,
 ) -> CIMultiDict[str]:
-    """End-to-end headers on, hop-by-hop off, the upstream's key in when it has one."""
-    credentials = replace_credentials or upstream.api_key is not None
-    skip = _skip(_request_skip(tuple(drop), credentials), incoming)
+    """End-to-end headers on, hop-by-hop off, the upstream's key in when it has one. A
+    body aiohttp decoded goes on without its Content-Encoding: header and bytes agree."""
+    replacing = replace_credentials or upstream.api_key is not None
+    encoding = incoming.get("Content-Encoding", "").strip().lower()
+    base = _request_skip(
+        tuple(drop), shape.credential_headers if replacing else None, encoding in _DECODED_BY_SERVER
+    )
+    skip = _skip(base, incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in skip:
             out.add(name, value)
     if upstream.api_key is not None:
-        out["Authorization"] = f"Bearer {upstream.api_key}"
+        out.update(shape.credentials(upstream.api_key))
     if identity_encoding:
         # The proxy reads usage out of the body: ask for it uncompressed.
         out["Accept-Encoding"] = "identity"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+from proxy.shapes.openai import ChatReader, ResponsesReader
 from proxy.sse import MAX_EVENT_BYTES, StreamMeter
 
 
@@ -15,13 +16,13 @@ DONE = b"data: [DONE]\n\n"
 
 
 def test_unchanged_chunks_pass_as_the_same_object() -> None:
-    meter = StreamMeter(strip_usage=False)
+    meter = StreamMeter(ChatReader(False))
     chunk = event(CHUNK)
     assert meter.feed(chunk) is chunk
 
 
 def test_usage_chunk_stripped_and_null_usage_removed_when_injected() -> None:
-    meter = StreamMeter(strip_usage=True)
+    meter = StreamMeter(ChatReader(True))
     out = meter.feed(event(CHUNK) + event(USAGE))
     assert out == event({k: v for k, v in CHUNK.items() if k != "usage"})
     assert meter.facts.usage is not None and meter.facts.usage.input_tokens == 7
@@ -30,13 +31,13 @@ def test_usage_chunk_stripped_and_null_usage_removed_when_injected() -> None:
 
 
 def test_kept_when_the_client_asked() -> None:
-    meter = StreamMeter(strip_usage=False)
+    meter = StreamMeter(ChatReader(False))
     assert meter.feed(event(USAGE)) == event(USAGE)
     assert meter.facts.usage is not None
 
 
 def test_events_split_across_reads_and_crlf() -> None:
-    meter = StreamMeter(strip_usage=False)
+    meter = StreamMeter(ChatReader(False))
     whole = event(CHUNK).replace(b"\n\n", b"\r\n\r\n") + DONE
     out = b"".join(meter.feed(whole[i : i + 7]) for i in range(0, len(whole), 7))
     assert out == event(CHUNK).replace(b"\n\n", b"\r\n\r\n")
@@ -45,7 +46,7 @@ def test_events_split_across_reads_and_crlf() -> None:
 
 
 def test_responses_completed_is_the_final_event() -> None:
-    meter = StreamMeter(strip_usage=False)
+    meter = StreamMeter(ResponsesReader())
     delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x"}\n\n'
     done = (
         b"event: response.completed\ndata: "
@@ -61,22 +62,26 @@ def test_responses_completed_is_the_final_event() -> None:
 
 
 def test_generated_text_is_kept_for_estimates() -> None:
-    meter = StreamMeter(strip_usage=False)
+    meter = StreamMeter(ChatReader(False))
     for _ in range(3):
         meter.feed(event(CHUNK))
     assert meter.generated_texts() == ["hi ", "hi ", "hi "]
 
 
 def test_a_huge_unterminated_event_is_passed_through_not_buffered() -> None:
-    meter = StreamMeter(strip_usage=True)
+    meter = StreamMeter(ChatReader(True))
     blob = b"data: " + b"x" * (MAX_EVENT_BYTES + 10)
     out = meter.feed(blob)
-    assert out == blob and meter.passthrough
-    assert meter.feed(b"more") == b"more"
+    # All but its last bytes go on at once (those wait: they may carry the usage).
+    assert meter.passthrough and out == blob[: len(out)] and len(blob) - len(out) == 256 * 1024
+    more = meter.feed(b"y" * 300_000)
+    assert len(more) == 300_000 and meter.passthrough
+    assert meter.feed(b"\n\n") == b"".join([blob, b"y" * 300_000, b"\n\n"])[len(out) + 300_000 :]
+    assert not meter.passthrough
 
 
 def test_invalid_usage_is_reported_not_priced() -> None:
-    meter = StreamMeter(strip_usage=False)
+    meter = StreamMeter(ChatReader(False))
     meter.feed(event({"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": 1}}))
     assert meter.facts.usage is None
     assert meter.facts.usage_error is not None and "'many'" in meter.facts.usage_error

@@ -255,6 +255,18 @@ def m006_intents_per_agent(dialect: str) -> list[str]:
     ]
 
 
+def m007_call_dimensions(dialect: str) -> list[str]:
+    """What the calls of native provider APIs, end users and dry-run budgets need: the
+    provider, the agent's end user, free-form tags, the provider's response id (chains
+    and background responses) and the dry-run limit that would have refused a call."""
+    columns = ("provider", "end_user", "tags", "response_id", "shadow_limit")
+    return [
+        *(f"ALTER TABLE calls ADD COLUMN {c} TEXT" for c in columns),
+        "CREATE INDEX calls_response ON calls (response_id) WHERE response_id IS NOT NULL",
+        "CREATE INDEX calls_user ON calls (agent, end_user, started_at) WHERE end_user IS NOT NULL",
+    ]
+
+
 MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("001_calls", m001_calls),
     ("002_rollups", m002_rollups),
@@ -262,4 +274,5 @@ MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("004_shared_budgets", m004_shared_budgets),
     ("005_exact_sums", m005_exact_sums),
     ("006_intents_per_agent", m006_intents_per_agent),
+    ("007_call_dimensions", m007_call_dimensions),
 ]

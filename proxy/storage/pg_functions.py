@@ -21,6 +21,8 @@ PG_TYPES = {
     "cost_pico": "int8", "usage_source": "text", "service_tier": "text",
     "price_version": "text", "latency_ms": "float8", "ttfb_ms": "float8", "error": "text",
     "llm_calls": "int4", "refused": "int4", "reserved_pico": "int8",
+    "provider": "text", "end_user": "text", "tags": "text", "response_id": "text",
+    "shadow_limit": "text",
 }  # fmt: skip
 assert set(PG_TYPES) == set(CALL_COLUMNS)
 RECORD_CALL = (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from proxy.records import CallRecord
+from proxy.redact import redact_url
 from proxy.storage.base import (
     BudgetView,
     CounterKey,
@@ -92,10 +92,6 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     per use."""
 
 
-def redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
-
-
 def _key_order(k: CounterKey) -> tuple[str, str, float]:
     return (k.scope, k.kind, k.start)
 
@@ -121,13 +117,8 @@ class PostgresStorage(Storage):
         self.min_size = min_size
         self.max_size = max_size
         self._pool: asyncpg.Pool | None = None
-        # Which replica's leases are whose (set by the shared enforcer).
-        self.replica = "replica"
         self._admissions: list[tuple[_AdmitRequest, asyncio.Future[AdmitResult]]] = []
         self._admitting = False
-        # The counters a call's cost goes to, from (agent, intent, started_at): set by the
-        # shared enforcer, which knows the calendar. None: budgets are not kept here.
-        self.spend_keys: Callable[[str, str | None, float], Sequence[CounterKey]] | None = None
 
     # -- connections ----------------------------------------------------------------------
 
@@ -138,9 +129,9 @@ class PostgresStorage(Storage):
                 timeout=10, command_timeout=30, reset=_no_reset,
             )  # fmt: skip
         except _UNREACHABLE as e:
-            raise StorageUnavailable(f"{redact(self.url)}: cannot connect: {e}") from None
+            raise StorageUnavailable(f"{redact_url(self.url)}: cannot connect: {e}") from None
         except asyncpg.PostgresError as e:
-            raise StorageError(f"{redact(self.url)}: {e}") from None
+            raise StorageError(f"{redact_url(self.url)}: {e}") from None
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -152,7 +143,7 @@ class PostgresStorage(Storage):
 
     def _p(self) -> asyncpg.Pool:
         if self._pool is None:
-            raise StorageError(f"{redact(self.url)}: the database is not open")
+            raise StorageError(f"{redact_url(self.url)}: the database is not open")
         return self._pool
 
     async def _run(
@@ -174,7 +165,9 @@ class PostgresStorage(Storage):
                     raise
                 await asyncio.sleep(0.001 * 2**attempt)
             except _UNREACHABLE as e:
-                raise StorageUnavailable(f"{redact(self.url)}: {type(e).__name__}: {e}") from None
+                raise StorageUnavailable(
+                    f"{redact_url(self.url)}: {type(e).__name__}: {e}"
+                ) from None
         raise AssertionError("unreachable")
 
     async def _statement(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -395,7 +388,7 @@ class PostgresStorage(Storage):
                 timeout=10,
             )  # fmt: skip
         except _UNREACHABLE as e:
-            raise StorageUnavailable(f"{redact(self.url)}: {type(e).__name__}: {e}") from None
+            raise StorageUnavailable(f"{redact_url(self.url)}: {type(e).__name__}: {e}") from None
         return (True, row[0]) if row is not None else (False, None)
 
     async def upkeep(self, replica: str, now: float, replica_ttl: float | None) -> int:

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from proxy.app import create_app, runner_options
 from proxy.config import Config, Upstream
+from proxy.shapes.openai import ChatReader, facts_from_body, output_texts, parse_usage, prompt
 from proxy.sse import StreamMeter
 from proxy.tokens import TokenCounter
-from proxy.usage import InvalidUsage, facts_from_body, output_texts, parse_usage
+from proxy.usage import InvalidUsage
 from tests.fake_upstream import FakeUpstream
 
 JSON = st.recursive(
@@ -55,7 +56,7 @@ def test_usage_extraction_never_crashes(value: Any) -> None:
 @given(BODIES)
 @settings(max_examples=300, deadline=None)
 def test_prompt_counting_never_crashes(body: dict[str, Any]) -> None:
-    assert COUNTER.count_prompt("gpt-4o", body) >= 0
+    assert COUNTER.count_prompt("gpt-4o", prompt(body)) >= 0
 
 
 EVENTS = st.one_of(
@@ -87,10 +88,10 @@ def test_stream_meter_passes_streams_through_faithfully(
             break
         chunks.append(stream[i : i + n])
         i += n
-    meter = StreamMeter(strip_usage=False)
+    meter = StreamMeter(ChatReader(False))
     out = b"".join(meter.feed(c) for c in chunks) + meter.finish()
     assert out == stream  # what the client gets is what the upstream sent
-    stripping = StreamMeter(strip_usage=True)
+    stripping = StreamMeter(ChatReader(True))
     stripped = b"".join(stripping.feed(c) for c in chunks) + stripping.finish()
     assert len(stripped) <= len(stream)
     meter.generated_texts()

@@ -4,7 +4,8 @@ from typing import Any
 
 import pytest
 
-from proxy.usage import InvalidUsage, Usage, facts_from_body, output_texts, parse_usage
+from proxy.shapes.openai import facts_from_body, output_texts, parse_usage
+from proxy.usage import InvalidUsage, Usage
 
 
 def test_chat_usage_with_details() -> None:

@@ -1,0 +1,235 @@
+"""How an upstream's answer reaches the client: a metered JSON body, a metered stream, or
+bytes passed through. Each ends with the call's row committed before its last byte goes
+out (the durability promise), and each mirrors an upstream that fails mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import ClientResponse, web
+
+from proxy.decoding import DecodeError, decode_all, decoder
+from proxy.money import usd_exact
+from proxy.redact import redact
+from proxy.sse import StreamMeter
+from proxy.upstream import response_headers
+
+if TYPE_CHECKING:
+    from proxy.call import Call
+
+# After a stream's final event: how long to wait for the upstream's end (it is normally
+# already there), before cutting the connection instead.
+AFTER_FINAL_SECONDS = 1.0
+
+
+def _loads(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def error_text(call: Call, status: int, data: bytes) -> str:
+    """An upstream error for the ledger: its message, keys redacted."""
+    assert call.route is not None
+    message = call.route.shape.upstream_error_message(_loads(data))
+    if not isinstance(message, str):
+        message = data[:200].decode("utf-8", "replace")
+    return redact(f"upstream {status}: {message[:300]}")
+
+
+async def json(call: Call, response: ClientResponse) -> web.StreamResponse:
+    """A metered, non-streaming answer: read whole, metered, sent with its cost."""
+    rec = call.record
+    assert call.route is not None
+    shape, ep = call.route.shape, call.route.endpoint
+    try:
+        data = await response.read()
+        call.timings.done = time.perf_counter()
+    except Exception as e:
+        fault = call.upstream_fault(e)
+        if fault is None:
+            raise
+        raise fault from None
+    rec.status = response.status
+    if 200 <= response.status < 300:
+        error = None
+        try:
+            body = decode_all(data, response.headers.get("Content-Encoding"))
+        except DecodeError as e:
+            body, error = b"", f"upstream body is {e}"
+        obj = _loads(body) if body else None
+        facts = shape.body_facts(ep, obj)
+        rec.model_served = facts.model
+        rec.response_id = facts.response_id
+        if facts.usage is not None:
+            call.price_usage(facts.usage)
+        else:
+            if error is not None:
+                rec.error = error
+                texts: list[str] = []
+            elif obj is None:
+                rec.error = "upstream body is not JSON"
+                texts = [body.decode("utf-8", "replace")]
+            else:
+                rec.error = facts.usage_error
+                texts = list(shape.output_texts(ep, obj))
+            call.price_usage(await call.estimate(texts))
+    else:
+        rec.error = error_text(call, response.status, data)
+        call.price_usage(None)
+    headers = response_headers(response.headers)
+    headers["x-meter-request-id"] = rec.id
+    headers["x-meter-cost-usd"] = (
+        usd_exact(rec.cost_pico) if rec.cost_pico is not None else "unpriced"
+    )
+    await call.commit()
+    call.response = web.Response(status=response.status, body=data, headers=headers)
+    return call.response
+
+
+async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web.StreamResponse:
+    rec, config = call.record, call.svc.config
+    assert call.route is not None
+    shape, ep = call.route.shape, call.route.endpoint
+    headers = response_headers(response.headers)
+    try:
+        decode = decoder(response.headers.get("Content-Encoding"))
+    except DecodeError as e:
+        return await _stream_undecodable(call, response, f"upstream stream is {e}")
+    if decode is not None:
+        # Events are read, and may be changed (a usage chunk dropped, a cut): the client
+        # gets them decoded, as it would from an upstream that honoured identity.
+        headers.popall("Content-Encoding", None)
+    out = web.StreamResponse(status=response.status, headers=headers)
+    out.headers["x-meter-request-id"] = rec.id
+    call.response = out
+    await out.prepare(call.request)
+    meter = call.meter = StreamMeter(shape.stream_reader(ep, strip_usage),
+                                     count_output=call.stream_budget is not None)  # fmt: skip
+    cut: str | None = None
+    client_gone = False
+    try:
+        async for chunk in response.content.iter_any():
+            data = meter.feed(decode.decode(chunk) if decode is not None else chunk)
+            if data:
+                await out.write(data)
+            if meter.final_seen:
+                break
+        if meter.final_seen and not response.content.at_eof():
+            cut = await _after_final(meter, response, decode)
+    except TimeoutError:
+        cut = f"upstream stream idle for more than {config.timeouts.stream_idle:g}s"
+    except ConnectionResetError:
+        client_gone = True
+    except DecodeError as e:
+        cut = f"upstream stream is {e}"
+    except Exception as e:
+        if call.upstream_fault(e) is None:
+            raise
+        cut = f"upstream stream cut: {type(e).__name__}"
+    call.timings.done = time.perf_counter()
+    rec.status = response.status
+    rec.model_served = meter.model
+    facts = meter.facts
+    rec.response_id = facts.response_id or getattr(meter.reader, "response_id", None)
+    if not 200 <= response.status < 300:
+        rec.error = "upstream stream answered an error"
+        call.price_usage(None)
+    elif facts.usage is None:
+        rec.error = facts.usage_error
+        call.price_usage(await call.estimate(meter.generated_texts(), meter.overflow_chars))
+    else:
+        call.price_usage(facts.usage)
+    if client_gone:
+        rec.error = "client disconnected mid-stream"
+    elif cut:
+        rec.error = cut
+    await call.commit()
+    if client_gone or (cut and not meter.final_seen):
+        # Mirror the cut: close without the final event, so the client sees a broken
+        # stream, not one that ended cleanly.
+        if call.request.transport is not None:
+            call.request.transport.close()
+        return out
+    # The held final event and the end, in one write. The row is committed: a client
+    # that leaves during this last write loses nothing of ours.
+    with contextlib.suppress(ConnectionResetError):
+        await out.write_eof(meter.finish())
+    return out
+
+
+async def _after_final(meter: StreamMeter, response: ClientResponse, decode: object) -> str | None:
+    """The upstream's end after the final event, normally there already. What follows the
+    final event is kept up to a bound; more, or no end in time, and the upstream
+    connection is dropped (nothing after the final event matters to a client)."""
+    try:
+        async with asyncio.timeout(AFTER_FINAL_SECONDS):
+            while not meter.overflow:
+                chunk = await response.content.readany()
+                if not chunk:
+                    return None
+                meter.feed(decode.decode(chunk) if decode is not None else chunk)  # type: ignore[attr-defined]
+    except TimeoutError:
+        response.close()
+        return None
+    response.close()
+    return f"upstream sent more than {meter.after_final} bytes after the final event; cut"
+
+
+async def _stream_undecodable(call: Call, response: ClientResponse, why: str) -> web.StreamResponse:
+    """A stream in an encoding the proxy cannot read: passed through as it came, its usage
+    estimated from the request alone, the reason on the row."""
+    call.record.error = why
+    out = await raw(call, response, metered=True)
+    return out
+
+
+async def raw(call: Call, response: ClientResponse, *, metered: bool = False) -> web.StreamResponse:
+    """Unmetered paths: bytes through as they come; the last chunk waits for the row."""
+    rec = call.record
+    out = web.StreamResponse(status=response.status, headers=response_headers(response.headers))
+    out.headers["x-meter-request-id"] = rec.id
+    if response.content_length is not None:
+        out.content_length = response.content_length
+    rec.status = response.status
+    if not metered:
+        call.price_usage(None)
+    call.response = out
+    await out.prepare(call.request)
+    pending = b""
+    error = None
+    try:
+        async for chunk in response.content.iter_any():
+            if pending:
+                await out.write(pending)
+            pending = chunk
+    except TimeoutError:
+        error = "upstream stalled mid-body"
+    except ConnectionResetError:
+        error = "client disconnected"
+    except Exception as e:
+        if call.upstream_fault(e) is None:
+            raise
+        error = f"upstream body cut: {type(e).__name__}"
+    call.timings.done = time.perf_counter()
+    if metered:
+        call.price_usage(await call.estimate([]))
+    if error:
+        rec.error = error
+    await call.commit()
+    if error:
+        if call.request.transport is not None:
+            call.request.transport.close()
+        return out
+    try:
+        if pending:
+            await out.write(pending)
+        await out.write_eof()
+    except ConnectionResetError:
+        pass
+    return out

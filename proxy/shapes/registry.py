@@ -1,0 +1,10 @@
+"""The API shapes by provider name: a plain dict, one entry per module."""
+
+from __future__ import annotations
+
+from proxy.shapes.base import ApiShape
+from proxy.shapes.openai import OpenAIShape
+
+SHAPES: dict[str, ApiShape] = {
+    "openai": OpenAIShape(),
+}
