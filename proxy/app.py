@@ -114,7 +114,8 @@ def _storage_ctx(
         try:
             yield
         finally:
-            await storage.close()
+            svc = app.get(SERVICES)
+            await storage.close(svc.grace_left() if svc is not None else 10.0)
 
     return ctx
 
@@ -189,7 +190,7 @@ def _services_ctx(
         try:
             yield
         finally:
-            await ledger.close(config.shutdown_grace_seconds)
+            await ledger.close(svc.grace_left())
             if spool is not None:
                 await spool.close()
             await svc.client().close()

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from decimal import Decimal
@@ -141,6 +142,7 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
     grace = config.shutdown_grace_seconds
     log.info("stopping: waiting up to %gs for %d calls in flight", grace, len(svc.inflight))
     deadline = loop.time() + grace
+    svc.stop_deadline = time.monotonic() + grace
     while svc.inflight and not force.is_set() and loop.time() < deadline:
         forced = asyncio.ensure_future(force.wait())
         await asyncio.wait(

@@ -15,7 +15,7 @@ from aiohttp import ClientResponse, web
 from proxy.decoding import DecodeError, decode_all, decoder
 from proxy.money import usd_exact
 from proxy.redact import redact
-from proxy.sse import StreamMeter
+from proxy.sse import AFTER_FINAL_BYTES, StreamMeter
 from proxy.upstream import response_headers
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ async def _after_final(meter: StreamMeter, response: ClientResponse, decode: obj
         response.close()
         return None
     response.close()
-    return f"upstream sent more than {meter.after_final} bytes after the final event; cut"
+    return f"upstream sent more than {AFTER_FINAL_BYTES} bytes after the final event; cut"
 
 
 async def _stream_undecodable(call: Call, response: ClientResponse, why: str) -> web.StreamResponse:

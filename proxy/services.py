@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
@@ -52,11 +53,18 @@ class Services:
     warned_models: set[str] = field(default_factory=set)
     inflight: set[asyncio.Task[object]] = field(default_factory=set)  # calls being served
     shutting_down: bool = False  # set when calls in flight are being cancelled
+    stop_deadline: float | None = None  # time.monotonic() by which a shutdown must be done
     metrics: Metrics | None = None
     alerts: AlertSender | None = None
     watch: UpstreamWatch | None = None
     call_sink: CallSink = log_call  # `serve` swaps in a direct writer (see calllog)
     observers: list[CallObserver] = field(default_factory=list)
+
+    def grace_left(self) -> float:
+        """What remains of the shutdown's grace period (all of it before one starts)."""
+        if self.stop_deadline is None:
+            return self.config.shutdown_grace_seconds
+        return max(self.stop_deadline - time.monotonic(), 0.5)
 
     def client(self) -> ClientSession:
         """The one shared client session (upstreams, webhooks)."""

@@ -8,7 +8,10 @@ Behaviour is set per test through `FakeUpstream.script` (defaults) or per reques
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,10 @@ DEFAULTS: dict[str, Any] = {
     "model": None,  # model reported back (default: the requested one)
     "service_tier": None,
     "content": "Hello",
+    "after_final": 0,  # stream: bytes sent after the final event, in 64 KiB pieces
+    "hold_open": False,  # stream: after the final event, keep the connection open, silent
+    "compress": None,  # "gzip": compress the body whatever the client accepts
+    "echo_instructions": False,  # Responses: echo the request's instructions, as OpenAI does
 }
 
 
@@ -56,6 +63,9 @@ class FakeUpstream:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0
     cancelled: int = 0  # requests whose client (the proxy) went away before the end
+    after_final_sent: int = 0  # bytes written after a stream's final event
+    # A test's own handler for what the script cannot say (it gets the request, read).
+    handle_override: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
 
     def settings(self, request: web.Request) -> dict[str, Any]:
         s = {**DEFAULTS, **self.script}
@@ -80,6 +90,8 @@ class FakeUpstream:
         self.requests.append(
             Seen(request.method, request.path, request.query_string, dict(request.headers), body)
         )
+        if self.handle_override is not None:
+            return await self.handle_override(request)
         s = self.settings(request)
         if s["delay"]:
             await asyncio.sleep(s["delay"])
@@ -98,21 +110,25 @@ class FakeUpstream:
             self.served += 1
             return web.Response(text="<html>bad gateway</html>", content_type="text/html")
         if path.endswith("/embeddings"):
-            return self._json(self._embeddings(req, s))
+            return self._json(self._embeddings(req, s), s)
         if path.endswith("/responses"):
             if req.get("stream"):
                 return await self._stream(request, s, self._responses_events(req, s))
-            return self._json(self._response_obj(req, s))
+            return self._json(self._response_obj(req, s), s)
         if path.endswith("/completions"):
             legacy = not path.endswith("/chat/completions")
             if req.get("stream"):
                 events = self._chat_events(req, s, legacy)
                 return await self._stream(request, s, events)
-            return self._json(self._completion(req, s, legacy))
+            return self._json(self._completion(req, s, legacy), s)
         return web.json_response({"echo": path})
 
-    def _json(self, obj: dict[str, Any]) -> web.Response:
+    def _json(self, obj: dict[str, Any], s: dict[str, Any] | None = None) -> web.Response:
         self.served += 1
+        if s is not None and s["compress"] == "gzip":
+            body = gzip.compress(json.dumps(obj).encode())
+            return web.Response(body=body, content_type="application/json",
+                                headers={"Content-Encoding": "gzip"})  # fmt: skip
         return web.json_response(obj)
 
     # -- bodies -------------------------------------------------------------------------
@@ -194,6 +210,8 @@ class FakeUpstream:
                 }
             ],
         }
+        if s["echo_instructions"] and isinstance(req.get("instructions"), str):
+            out["instructions"] = req["instructions"]
         usage = self._usage(s, "responses")
         if usage is not None:
             out["usage"] = usage
@@ -242,8 +260,18 @@ class FakeUpstream:
     async def _stream(
         self, request: web.Request, s: dict[str, Any], events: list[bytes]
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        headers = {"Content-Type": "text/event-stream"}
+        squeeze = None
+        if s["compress"] == "gzip":
+            headers["Content-Encoding"] = "gzip"
+            squeeze = zlib.compressobj(wbits=31)
+        resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
+
+        async def write(data: bytes) -> None:
+            await resp.write(squeeze.compress(data) + squeeze.flush(zlib.Z_SYNC_FLUSH)
+                             if squeeze is not None else data)  # fmt: skip
+
         for i, event in enumerate(events):
             if s["cut_after"] is not None and i == s["cut_after"]:
                 assert request.transport is not None
@@ -253,10 +281,19 @@ class FakeUpstream:
                 await asyncio.sleep(3600)
             if s["gate_after"] is not None and i == s["gate_after"]:
                 await self.gate.wait()
-            await resp.write(event)
+            await write(event)
             self.chunks_sent += 1
             if s["chunk_delay"]:
                 await asyncio.sleep(s["chunk_delay"])
-        await resp.write_eof()
         self.served += 1
+        piece = b": keep-alive padding " + b"x" * (64 * 1024 - 23) + b"\n\n"
+        while self.after_final_sent < s["after_final"]:
+            await write(piece)
+            self.after_final_sent += len(piece)
+            await asyncio.sleep(0.001)
+        if s["hold_open"]:
+            await asyncio.sleep(3600)
+        if squeeze is not None:
+            await resp.write(squeeze.flush())
+        await resp.write_eof()
         return resp

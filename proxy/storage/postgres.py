@@ -133,10 +133,10 @@ class PostgresStorage(Storage):
         except asyncpg.PostgresError as e:
             raise StorageError(f"{redact_url(self.url)}: {e}") from None
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
         if self._pool is not None:
             try:
-                await asyncio.wait_for(self._pool.close(), 10)
+                await asyncio.wait_for(self._pool.close(), grace)
             except (TimeoutError, *_UNREACHABLE):
                 self._pool.terminate()
             self._pool = None

@@ -25,6 +25,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -60,6 +61,22 @@ def _connect(path: str, busy_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     return conn
+
+
+async def _join(thread: threading.Thread, deadline: float) -> None:
+    """Wait for a thread until `deadline`, on a daemon thread of its own: the loop's
+    executor would wait for a stuck one at exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def join() -> None:
+        thread.join()
+        with contextlib.suppress(RuntimeError):  # the loop closed while it waited
+            loop.call_soon_threadsafe(_set_result, done, None)
+
+    threading.Thread(target=join, name="meterproxy-join", daemon=True).start()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done, max(deadline - time.monotonic(), 0.0))
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
@@ -169,21 +186,22 @@ class SqliteStorage(Storage):
             )
             self._maintenance.start()
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop the threads, in at most `grace` seconds: a writer stuck in a locked database
+        (busy for up to 30 s) must not hold up the exit. Its threads are daemons, and the
+        ledger has already saved what it could not write."""
+        deadline = time.monotonic() + grace
         if self._maintenance is not None:
             self._stop.set()
-            await asyncio.to_thread(self._maintenance.join)
+            await _join(self._maintenance, deadline)
             self._maintenance = None
         if self._writer is not None:
-            with contextlib.suppress(sqlite3.Error, StorageError):
-                await self.sync_rollups()
-                await self._on_writer(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+            with contextlib.suppress(sqlite3.Error, StorageError, TimeoutError):
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                    await self.sync_rollups()
+                    await self._on_writer(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
             self._jobs.put(None)
-            # A writer stuck in the database (busy for 30 s) must not hold up the exit: it is
-            # a daemon thread, and the ledger has already saved what it could not write.
-            writer = self._writer
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.to_thread(writer.join, 10.0), 11.0)
+            await _join(self._writer, deadline)
             self._writer = None
         if self._reader is not None:
             with contextlib.suppress(sqlite3.Error):

@@ -26,13 +26,14 @@ class ProxyProcess:
         budgets: dict[str, Any] | None = None,
         args: tuple[str, ...] = (),
         name: str = "meterproxy",
+        extra: dict[str, Any] | None = None,
         **server: Any,
     ) -> None:
         self.workdir = workdir
         self.db = workdir / "ledger.db"
         self.config = workdir / f"{name}.yaml"
         self.args = args
-        self.config.write_text(yaml.safe_dump({
+        config: dict[str, Any] = {
             "server": {"port": 0, **server},
             "upstreams": [{"name": "fake", "base_url": upstream_url, "default": True}],
             "storage": {"url": db_url or f"sqlite:///{self.db}",
@@ -40,7 +41,11 @@ class ProxyProcess:
             "admin": {"token": ADMIN},
             "budgets": budgets or {"defaults": {"max_cost_per_day_usd": 1000}},
             "timeouts": {"stream_idle": 30},
-        }))  # fmt: skip
+        }  # fmt: skip
+        for section, values in (extra or {}).items():
+            config[section] = {**config.get(section, {}), **values}
+        self.spool = workdir / f"{name}-spool"
+        self.config.write_text(yaml.safe_dump(config))
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.lines: list[str] = []

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from proxy.app import create_app, runner_options
 from proxy.config import Config, Upstream
+from proxy.money import usd_exact
 from proxy.shapes.openai import ChatReader, facts_from_body, output_texts, parse_usage, prompt
 from proxy.sse import StreamMeter
 from proxy.tokens import TokenCounter
@@ -120,6 +121,7 @@ def live_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
                 ),
             ),
             db_url=f"sqlite:///{db}",
+            admin_token=FUZZ_ADMIN,
         )
         runner = web.AppRunner(create_app(config), **runner_options(config))  # type: ignore[arg-type]
         await runner.setup()
@@ -138,16 +140,29 @@ def live_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, 
     thread.join(30)
 
 
-def call(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+FUZZ_ADMIN = "fuzz-admin-token-0123456789"
+
+
+def call(
+    port: int, path: str, body: bytes, headers: dict[str, str], method: str = "POST",
+    timeout: float = 30,
+) -> tuple[int, bytes]:  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(
-            "POST", path, body=body, headers={"Content-Type": "application/json", **headers}
+            method, path, body=body, headers={"Content-Type": "application/json", **headers}
         )
         response = conn.getresponse()
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def still_answering(port: int) -> None:
+    """Another call, answered within a second: nothing the fuzz sent wedged the proxy."""
+    status, _ = call(port, "/v1/chat/completions",
+                     b'{"model": "gpt-4o", "messages": []}', {}, timeout=1.0)  # fmt: skip
+    assert status == 200
 
 
 HEADER_TEXT = st.text(
@@ -196,3 +211,129 @@ def test_random_requests_get_a_4xx_or_go_through(live_proxy: tuple[int, FakeUpst
     # and the proxy still answers a plain call
     ok, _ = call(port, "/v1/chat/completions", b'{"model": "gpt-4o", "messages": []}', {})
     assert ok == 200
+
+
+# -- numbers nobody expects, at every door money or tokens enter ---------------------------
+
+ODD_NUMBERS = st.one_of(
+    st.sampled_from([0, -1, 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**19, 10**30,
+                     100_000_000, 100_000_001, 1_000_000_000_000, 0.1, 1e-320, 1e19, 1e308,
+                     -1e308, 5e6, 1e7]),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)  # fmt: skip
+
+
+def dumps(value: Any) -> bytes:
+    """JSON as a careless client writes it: NaN and Infinity included."""
+    return json.dumps(value, allow_nan=True).encode()
+
+
+@given(
+    cost=ODD_NUMBERS, calls=ODD_NUMBERS, tokens_in=ODD_NUMBERS, tokens_out=ODD_NUMBERS,
+    raw_cost=st.sampled_from(["1e309", "-1e309", "1" + "0" * 400, "0." + "0" * 400 + "1"]),
+)  # fmt: skip
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_heartbeats_with_odd_numbers_get_a_clear_answer(
+    live_proxy: tuple[int, FakeUpstream], cost: Any, calls: Any, tokens_in: Any, tokens_out: Any,
+    raw_cost: str,
+) -> None:  # fmt: skip
+    port, _ = live_proxy
+    body = {"agent": "fuzz", "metrics": {"cost_usd": cost, "llm_calls": calls,
+                                         "tokens_in": tokens_in, "tokens_out": tokens_out}}  # fmt: skip
+    for raw in (dumps(body), dumps(body).replace(dumps(cost), raw_cost.encode(), 1)):
+        status, payload = call(port, "/meter/heartbeat", raw, {})
+        assert status in (200, 400, 429), payload
+        if status == 400:
+            error = json.loads(payload)["error"]
+            assert error["code"] in ("invalid_json", "invalid_heartbeat") and error["message"]
+    still_answering(port)
+
+
+POLICY_KEYS = st.sampled_from([
+    "max_cost_per_day_usd", "max_cost_per_hour_usd", "max_cost_per_month_usd",
+    "max_cost_per_intent_usd", "max_intents_per_day", "max_requests_per_minute",
+])  # fmt: skip
+
+
+@given(st.dictionaries(POLICY_KEYS, ODD_NUMBERS, min_size=1, max_size=3),
+       st.one_of(st.none(), ODD_NUMBERS))  # fmt: skip
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_policies_with_odd_numbers_get_a_clear_answer(
+    live_proxy: tuple[int, FakeUpstream], policy: dict[str, Any], guard: Any
+) -> None:
+    port, _ = live_proxy
+    if guard is not None:
+        policy = {
+            **policy,
+            "loop_guard": {"max_identical_requests": guard, "window_seconds": guard},
+        }
+    auth = {"Authorization": f"Bearer {FUZZ_ADMIN}"}
+    status, payload = call(port, "/meter/agents/fuzz-policy/policy", dumps(policy), auth, "PUT")
+    assert status in (200, 400), payload
+    if status == 400:
+        error = json.loads(payload)["error"]
+        assert error["code"] in ("invalid_json", "invalid_policy") and error["message"]
+    # A policy that was accepted holds on a call of that agent, and the proxy goes on.
+    status, _ = call(port, "/v1/chat/completions", b'{"model": "gpt-4o", "messages": []}',
+                     {"X-Agent-Id": "fuzz-policy"})  # fmt: skip
+    assert status in (200, 429)
+    call(port, "/meter/agents/fuzz-policy/policy", b"", auth, "DELETE")
+    still_answering(port)
+
+
+@given(st.fixed_dictionaries({}, optional={
+    "prompt_tokens": ODD_NUMBERS, "completion_tokens": ODD_NUMBERS,
+    "prompt_tokens_details": st.fixed_dictionaries({"cached_tokens": ODD_NUMBERS}),
+    "completion_tokens_details": st.fixed_dictionaries({"reasoning_tokens": ODD_NUMBERS}),
+}), st.booleans())  # fmt: skip
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_upstream_usage_with_odd_numbers_is_never_priced_wrong(
+    live_proxy: tuple[int, FakeUpstream], usage: dict[str, Any], stream: bool
+) -> None:
+    port, _ = live_proxy
+    script = dumps({"usage": usage}).decode("latin-1")
+    body = {"model": "gpt-4o", "messages": [], "stream": stream,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=dumps(body),
+                     headers={"Content-Type": "application/json", "x-fake": script})  # fmt: skip
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        cost = response.getheader("x-meter-cost-usd")
+    finally:
+        conn.close()
+    if not stream:  # the cost header says what was priced: the provider's, or an estimate
+        expected = _priced(usage)
+        if expected is not None:
+            assert cost == usd_exact(expected)
+    still_answering(port)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100_000_000
+
+
+def _priced(usage: dict[str, Any]) -> int | None:
+    """gpt-4o's cost of a usage block the proxy must accept (None: it must not)."""
+    p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens")
+    reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens")
+    if p is None and c is None:
+        return None
+    values = [v for v in (p, c, cached, reasoning) if v is not None]
+    if not all(_whole(v) for v in values):
+        return None
+    p, c, cached, reasoning = p or 0, c or 0, cached or 0, reasoning or 0
+    if cached > p or reasoning > c:
+        return None
+    return (p - cached) * 2_500_000 + cached * 1_250_000 + c * 10_000_000
