@@ -87,7 +87,9 @@ class AlertSender:
                 self._last.clear()
         try:
             self.queue.put_nowait(event)
-            if self._dropping:
+            # A burst ends when the queue has drained to half: one slot freeing up and
+            # filling again is the same burst, not a new WARNING.
+            if self._dropping and self.queue.qsize() <= self.queue.maxsize // 2:
                 self._dropping = False
         except asyncio.QueueFull:
             self.dropped += 1

@@ -26,6 +26,7 @@ from proxy.enforcer import Enforcer
 from proxy.errors import ProxyFault
 from proxy.events import EventBus
 from proxy.handler import proxy_handler
+from proxy.history import ChainBook, OutputHistory
 from proxy.ledger import LedgerWriter
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.pg_counters import PgCounters
@@ -178,6 +179,8 @@ def _services_ctx(
             session=make_session(),
             keys=KeyRing(config.keys),
         )
+        svc.history = OutputHistory(storage)
+        svc.chains = ChainBook(storage)
         if options.call_sink is not None:
             svc.call_sink = options.call_sink
         svc.metrics = Metrics(lambda: svc.enforcer, clock, lambda: _ledger_metrics(svc))
@@ -190,6 +193,7 @@ def _services_ctx(
         try:
             yield
         finally:
+            svc.background.release_all()
             await ledger.close(svc.grace_left())
             if spool is not None:
                 await spool.close()
@@ -204,6 +208,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(app[RELOADER].run(), name="meterproxy-reload"),
         asyncio.create_task(svc.alerts.run(), name="meterproxy-alerts"),  # type: ignore[union-attr]
+        asyncio.create_task(svc.background.run(), name="meterproxy-background"),
     ]
     store = svc.enforcer.store
     if isinstance(store, PgCounters):

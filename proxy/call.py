@@ -3,7 +3,8 @@
 Every request under an API prefix becomes one `Call`. Whatever happens (client error,
 refusal, upstream fault, client gone, cancellation) it ends with exactly one ledger row,
 and its budget reservation is settled exactly once. What an API shape means (paths,
-usage, errors) is `proxy.shapes`; how bytes come back is `proxy.relay`.
+usage, errors) is `proxy.shapes`; reading the request, `proxy.intake`; how bytes come
+back, `proxy.relay`; what is reserved, `proxy.reservation`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientResponse, web
 
-from proxy import relay
+from proxy import intake, relay
 from proxy.attribution import UNAUTHENTICATED, identify
+from proxy.background import Pending
 from proxy.config import Upstream
 from proxy.counters import Ticket
 from proxy.enforcer import Refusal
@@ -32,23 +35,23 @@ from proxy.records import new_record
 from proxy.reservation import Reservation, reserve
 from proxy.routing import Route, route
 from proxy.services import Services
-from proxy.shapes.base import JSONObj, Prompt, RequestFacts
+from proxy.shapes.base import BodyFacts, JSONObj, Kind, Prompt, RequestFacts
+from proxy.shapes.openai import RETRIEVE, response_id_of
 from proxy.sse import StreamMeter
+from proxy.stream_budget import StreamBudget
 from proxy.upstream import client_timeout, request_headers
-from proxy.usage import ESTIMATED, Usage
+from proxy.usage import ESTIMATED, PROVIDER, Usage
 
 log = logging.getLogger("meterproxy.proxy")
 _SYNC_ESTIMATE_CHARS = 65_536
-_JSON_TYPES = ("application/json",)
-_BROWSER_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+PENDING = "pending"  # usage_source of a background response's create call
 
 
 class Phase(enum.IntEnum):
     RECEIVED = 0  # being read and checked
     ADMITTED = 1  # a budget reservation is held
     FORWARDED = 2  # the request went to the upstream (or is on its way)
-    RESPONDING = 3  # the client's response has started: no error answer possible
-    RECORDED = 4  # its ledger row is submitted
+    RECORDED = 3  # its ledger row is submitted
 
 
 @dataclass(slots=True)
@@ -65,6 +68,9 @@ class Timings:
         return self.done - self.sent
 
 
+Exchange = tuple[ClientResponse, bytes | None]
+
+
 class Call:
     def __init__(self, svc: Services, request: web.Request, prefix: str) -> None:
         self.svc = svc
@@ -78,14 +84,19 @@ class Call:
         self.upstream: Upstream | None = None
         self.ticket: Ticket | None = None
         self.reservation: Reservation | None = None
-        self.stream_budget: Any = None  # a stream metered as it flows (see proxy.budgets)
+        self.stream_budget: StreamBudget | None = None
         self.meter: StreamMeter | None = None
         self.body: JSONObj | None = None
         self.facts = RequestFacts()
         self.prompt: Prompt | None = None
         self.price: ModelPrice | None = None
+        self.metered = False
+        self.unpriced = False  # bills in a way the proxy cannot price
         self.maybe_billed = False  # forwarded, then no answer: tokens unknown, not zero
+        self.client_gone = False  # the client left; the upstream's answer is still metered
         self.response: web.StreamResponse | None = None
+        self._exchange: asyncio.Task[Exchange] | None = None
+        self._credentials: dict[str, str] = {}
 
     @property
     def prepared(self) -> bool:
@@ -95,10 +106,14 @@ class Call:
     # -- the whole call ---------------------------------------------------------------
 
     async def run(self) -> web.StreamResponse:
+        detached = False
         try:
             return await self._run()
         except ProxyFault as fault:
             return await self.answer_fault(fault)
+        except asyncio.CancelledError:
+            detached = self._detach()
+            raise
         except Exception as e:
             if self.prepared:
                 raise  # bytes went out already: aiohttp can only close the connection
@@ -112,47 +127,60 @@ class Call:
                 )
             )
         finally:
-            if self.phase < Phase.RECORDED:
+            if self.phase < Phase.RECORDED and not detached:
                 # Cancelled (shutdown past its grace) or a bug: still one row, still settled.
                 self._record_abnormal()
 
     async def _run(self) -> web.StreamResponse:
-        svc, request, rec = self.svc, self.request, self.record
+        _svc, request, rec = self.svc, self.request, self.record
         self.route = r = route(self.prefix, raw_tail(request.rel_url.raw_path, self.prefix),
                                request.method, request.headers)  # fmt: skip
-        rec.endpoint = r.endpoint.name if r.endpoint.metered else r.path
+        ep = r.endpoint
+        rec.endpoint = ep.name if ep.metered else r.path
         self._identify()
-        metered = request.method == "POST" and r.endpoint.metered and r.endpoint.body == "json"
+        self.metered = request.method == "POST" and ep.metered and ep.body in ("json", "multipart")
         raw_body: bytes | None = None
-        if metered:
-            self._check_content_type()
-            raw_body = await self._read_body()
-            self.body = body = _parse_json(raw_body)
-            self.facts = facts = r.shape.request(r.endpoint, body)
-            model = _model_of(body, r.endpoint.model)
-            rec.model_requested = model
-            rec.stream = facts.stream or r.endpoint.stream
-            self.price = svc.prices.resolve(model)
-            rec.price_version = svc.prices.version
-            if self.price is None:
-                self._unknown_model(model)
-            else:
-                rec.model_priced = self.price.name
+        if self.metered:
+            raw_body = await self._read_request()
         self.upstream = upstream = self._upstream()
-        rec.upstream = upstream.name
-        rec.provider = upstream.provider
+        rec.upstream, rec.provider = upstream.name, upstream.provider
         await self._admit(raw_body)
         strip_usage = False
-        if metered and self.body is not None and rec.stream and upstream.inject_usage:
-            patched = r.shape.ask_for_usage(r.endpoint, self.body)
-            if patched is not None:
-                raw_body, strip_usage = orjson.dumps(patched), True
-        if self.reservation is not None and self.reservation.cap is not None:
-            assert self.body is not None
-            capped = r.shape.set_cap(r.endpoint, orjson.loads(raw_body or b"{}"),
-                                     self.reservation.cap)  # fmt: skip
-            raw_body = orjson.dumps(capped)
-        return await self._forward(raw_body, metered, strip_usage)
+        if self.body is not None:
+            body = self.body
+            if rec.stream and upstream.inject_usage:
+                patched = r.shape.ask_for_usage(ep, body)
+                if patched is not None:
+                    body, strip_usage = patched, True
+            if self.reservation is not None and self.reservation.cap is not None:
+                body = r.shape.set_cap(ep, body, self.reservation.cap)
+            if body is not self.body:
+                raw_body = orjson.dumps(body)
+        return await self._forward(raw_body, strip_usage)
+
+    async def _read_request(self) -> bytes:
+        assert self.route is not None
+        r, rec, request = self.route, self.record, self.request
+        if r.endpoint.body == "json":
+            intake.check_json_type(request)
+        raw = await intake.read_body(request, self.svc.config)
+        if r.endpoint.body == "json":
+            self.body = body = intake.parse_json(raw)
+            self.facts = r.shape.request(r.endpoint, body)
+            model = intake.model_of(body.get("model"), r.endpoint.model)
+        else:
+            form = await intake.parse_form(request, raw)
+            self.facts, self.prompt = r.shape.form_request(r.endpoint, form)
+            model = intake.model_of(self.facts.model, r.endpoint.model)
+        rec.model_requested = model
+        rec.stream = self.facts.stream or r.endpoint.stream
+        self.price = self.svc.prices.resolve(model)
+        rec.price_version = self.svc.prices.version
+        if self.price is None:
+            self._unknown_model(model)
+        else:
+            rec.model_priced = self.price.name
+        return raw
 
     def _identify(self) -> None:
         svc, request, rec = self.svc, self.request, self.record
@@ -173,48 +201,15 @@ class Call:
             raise
         rec.agent, rec.intent = caller.agent, caller.intent
 
-    def _check_content_type(self) -> None:
-        """A metered body is JSON. A web page can send text/plain, form and multipart
-        bodies to any origin without asking first: those never pass."""
-        kind = self.request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        if kind and (kind in _BROWSER_TYPES or not (kind in _JSON_TYPES or kind.endswith("+json"))):
-            raise ProxyFault(
-                415, "unsupported_media_type",
-                f"meterproxy: this endpoint takes a JSON body (Content-Type:"
-                f" application/json), not {kind}",
-            )  # fmt: skip
-
-    async def _read_body(self) -> bytes:
-        try:
-            if self.request.content.is_eof():  # all here already: the usual case
-                return await self.request.read()
-            async with asyncio.timeout(self.svc.config.body_timeout):
-                return await self.request.read()
-        except TimeoutError:
-            raise ProxyFault(
-                408,
-                "request_timeout",
-                f"meterproxy: the request body did not arrive within"
-                f" {self.svc.config.body_timeout:g}s",
-            ) from None
-        except web.HTTPRequestEntityTooLarge:
-            limit = self.svc.config.max_body_bytes
-            raise ProxyFault(
-                413,
-                "request_too_large",
-                f"meterproxy: the request body is larger than max_body_bytes ({limit} bytes)",
-            ) from None
-
     def _unknown_model(self, model: str) -> None:
         config = self.svc.config
         if config.unknown_model == "block":
             raise ProxyFault(
-                400,
-                "unknown_model",
+                400, "unknown_model",
                 f"meterproxy: model '{model}' has no price in {config.pricing_path};"
                 " add it there (or set pricing.unknown_model: allow) and retry",
                 param="model",
-            )
+            )  # fmt: skip
         warned = self.svc.warned_models
         if model not in warned and len(warned) < 10_000:
             warned.add(model)
@@ -236,14 +231,34 @@ class Call:
 
     # -- admission --------------------------------------------------------------------
 
+    def _unpriced_reason(self) -> str | None:
+        assert self.route is not None
+        ep = self.route.endpoint
+        if self.request.method == "POST" and ep.kind is Kind.UNPRICED:
+            return f"POST /{self.route.path} bills in a way the request cannot show"
+        if self.metered and self.price is None:
+            return (f"model '{self.record.model_requested}' has no price in"
+                    f" {self.svc.config.pricing_path}")  # fmt: skip
+        return None
+
     async def _admit(self, raw_body: bytes | None) -> None:
         svc, rec = self.svc, self.record
         enforcer = svc.enforcer
+        reason = self._unpriced_reason()
+        if reason is not None:
+            self.unpriced = True
+            if svc.config.unpriced == "block" and enforcer.plan(rec.agent).refuses:
+                raise ProxyFault(
+                    403, "unpriced_call",
+                    f"meterproxy: agent '{rec.agent}' is under a block budget and this call"
+                    f" cannot be priced before it runs: {reason}. It is refused rather than"
+                    " let through at an unknown cost; set budgets.unpriced: allow to let such"
+                    " calls through (recorded as unpriced)",
+                    type_=BUDGET_ERROR,
+                )  # fmt: skip
         amount = 0
-        if self.price is not None and self.body is not None and enforcer.needs_estimate(rec.agent):
-            assert self.route is not None
-            self.prompt = self.route.shape.prompt(self.route.endpoint, self.body)
-            self.reservation = await reserve(self, svc.config)
+        if self.price is not None and self.metered and enforcer.needs_estimate(rec.agent):
+            self.reservation = await reserve(self)
             amount = self.reservation.amount
         digest = None
         if enforcer.loop_guard_applies(rec.agent):
@@ -257,12 +272,16 @@ class Call:
         self.ticket = admitted
         self.phase = Phase.ADMITTED
         rec.reserved_pico = amount
+        res = self.reservation
+        if res is not None and res.slice_tokens is not None and amount:
+            self.stream_budget = StreamBudget(
+                enforcer, admitted, svc.tokens, rec.model_requested, res.input_cost,
+                res.output_rate, res.slice_tokens, svc.clock,
+            )  # fmt: skip
 
     # -- forwarding -------------------------------------------------------------------
 
-    async def _forward(
-        self, raw_body: bytes | None, metered: bool, strip_usage: bool
-    ) -> web.StreamResponse:
+    async def _forward(self, raw_body: bytes | None, strip_usage: bool) -> web.StreamResponse:
         svc, request, rec = self.svc, self.request, self.record
         config = svc.config
         assert self.route is not None and self.upstream is not None
@@ -273,41 +292,103 @@ class Call:
             r.shape,
             drop=(config.agent_header, config.intent_header),
             replace_credentials=bool(svc.keys),
-            identity_encoding=metered,
+            identity_encoding=self.metered,
         )
+        if self.facts.background:  # the proxy may retrieve the result itself
+            self._credentials = {k: v for k, v in headers.items()
+                                 if k.lower() in r.shape.credential_headers}  # fmt: skip
         data: Any = raw_body
         if raw_body is None and request.body_exists:
             data = request.content  # unmetered uploads stream through, never buffered
-        rec.llm_calls = 1 if r.endpoint.metered or r.endpoint.kind.value == "unpriced" else 0
-        query = _query(request, bool(svc.keys))
-        url = r.shape.upstream_url(upstream.base_url, r.prefix, r.upstream_path, query)
+        rec.llm_calls = 1 if r.endpoint.metered or r.endpoint.kind is Kind.UNPRICED else 0
+        url = r.shape.upstream_url(upstream.base_url, r.prefix, r.upstream_path,
+                                   _query(request, bool(svc.keys)))  # fmt: skip
         self.phase = Phase.FORWARDED
         self.timings.sent = time.perf_counter()
+        # The exchange runs in a task of its own: a client that leaves a non-streamed call
+        # does not stop it, and the provider's answer (and bill) is still recorded.
+        self._exchange = asyncio.ensure_future(self._send(url, headers, data))
+        response, body = await asyncio.shield(self._exchange)
         try:
-            response = await svc.client().request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                timeout=client_timeout(config.timeouts, rec.stream),
-                allow_redirects=False,
-            )
+            if "text/event-stream" in response.headers.get("Content-Type", ""):
+                rec.stream = True
+                return await relay.stream(self, response, strip_usage)
+            if body is not None:
+                return await relay.json(self, response, body)
+            if r.endpoint.name == RETRIEVE and response.status == 200:
+                return await relay.retrieved(self, response)
+            return await relay.raw(self, response)
+        finally:
+            response.release()
+
+    async def _send(self, url: str, headers: Any, data: Any) -> Exchange:
+        """The request, and for a metered call that does not stream, its whole answer."""
+        rec, config = self.record, self.svc.config
+        try:
+            response = await self.svc.client().request(
+                self.request.method, url, headers=headers, data=data,
+                timeout=client_timeout(config.timeouts, rec.stream), allow_redirects=False,
+            )  # fmt: skip
         except Exception as e:
             failure = classify(e, Stage.CONNECT)
             if failure is None:
                 raise
             self.maybe_billed = failure.maybe_billed
-            raise failure.fault(upstream.name) from None
+            raise failure.fault(rec.upstream) from None
         self.timings.head = time.perf_counter()
+        if not self.metered or "text/event-stream" in response.headers.get("Content-Type", ""):
+            return response, None
         try:
-            if "text/event-stream" in response.headers.get("Content-Type", ""):
-                rec.stream = True
-                return await relay.stream(self, response, strip_usage)
-            if metered:
-                return await relay.json(self, response)
-            return await relay.raw(self, response)
-        finally:
+            body = await response.read()
+        except Exception as e:
             response.release()
+            fault = self.upstream_fault(e)
+            if fault is None:
+                raise
+            raise fault from None
+        self.timings.done = time.perf_counter()
+        return response, body
+
+    def _detach(self) -> bool:
+        """The client left while a non-streamed call was at the upstream: let it finish
+        there (bounded by timeouts.read) and record the provider's usage."""
+        task = self._exchange
+        if task is None or task.done() or self.svc.shutting_down or not self.metered:
+            if task is not None and not task.done():
+                task.cancel()
+            return False
+        self.client_gone = True
+        finishing = asyncio.ensure_future(self._finish_detached(task))
+        self.svc.inflight.add(finishing)  # a shutdown waits for it, then cancels it
+        finishing.add_done_callback(self.svc.inflight.discard)
+        return True
+
+    async def _finish_detached(self, task: asyncio.Task[Exchange]) -> None:
+        rec = self.record
+        try:
+            response, body = await task
+            try:
+                if body is None:  # it streams: streams are cut with their client
+                    response.close()
+                    rec.error = "cancelled: the client disconnected"
+                    self._record_abnormal()
+                    return
+                await relay.meter_json(self, response, body)
+                rec.status = 499
+                rec.error = (rec.error + "; " if rec.error else "") + (
+                    "client disconnected; the upstream's answer was recorded")  # fmt: skip
+                await self.commit()
+            finally:
+                response.release()
+        except ProxyFault as fault:
+            rec.status, rec.error = 499, f"client disconnected; then {fault.code}: {fault.message}"
+            if self.ticket is not None and not self.ticket.settled:
+                self.price_usage(await self.estimate([]) if self.maybe_billed and self.price
+                                 else None)  # fmt: skip
+            await self.commit()
+        finally:
+            if self.phase < Phase.RECORDED:
+                self._record_abnormal()
 
     def upstream_fault(self, exc: BaseException) -> ProxyFault | None:
         failure = classify(exc, Stage.BODY)
@@ -316,12 +397,62 @@ class Call:
         self.maybe_billed = failure.maybe_billed
         return failure.fault(self.record.upstream)
 
+    # -- what the answer says ------------------------------------------------------------
+
+    def absorb(self, facts: BodyFacts) -> bool:
+        """Learn from a successful answer: the response's id, how long answers run, how
+        long a chain is now. False when the usage is yet to come (a background response
+        queued): the reservation stays until it finishes."""
+        rec, svc = self.record, self.svc
+        rec.response_id = facts.response_id or rec.response_id
+        usage = facts.usage
+        if self.facts.background and facts.status in ("queued", "in_progress") and usage is None:
+            self._await_background(facts)
+            return False
+        if usage is not None and usage.source == PROVIDER and self.price is not None:
+            svc.history.record(
+                rec.agent, self.price.name, usage.output_tokens // self.facts.choices
+            )
+            context = usage.input_tokens + usage.output_tokens
+            if facts.response_id is not None:
+                svc.chains.record(facts.response_id, context)
+            if self.facts.conversation is not None:
+                svc.chains.record(f"conversation:{self.facts.conversation}", context)
+        return True
+
+    def _await_background(self, facts: BodyFacts) -> None:
+        rec = self.record
+        rec.usage_source, rec.cost_pico = PENDING, 0
+        assert self.route is not None and self.upstream is not None
+        if facts.response_id is None:
+            return
+        path = f"responses/{facts.response_id}"
+        url = self.route.shape.upstream_url(self.upstream.base_url, self.route.prefix, path, "")
+        pending = Pending(facts.response_id, rec.agent, rec.intent, rec.model_requested,
+                          rec.upstream, rec.provider, self.price, self.ticket, url,
+                          self._credentials)  # fmt: skip
+        self.svc.background.add(pending)
+        if self.ticket is not None:
+            rec.reserved_pico = self.ticket.amount
+        self.ticket = None  # the background book settles it
+
+    async def observed(self, facts: BodyFacts) -> None:
+        """A retrieval (GET responses/{id}, or its stream) that may finish a background
+        response: its cost is recorded in a row of its own."""
+        assert self.route is not None
+        rid = facts.response_id or response_id_of(self.route.path)
+        await self.svc.background.observed(rid, facts)
+
     # -- metering and recording -------------------------------------------------------
 
     async def estimate(self, texts: list[str], overflow_chars: int = 0) -> Usage:
         """Usage from tiktoken when the provider sent none: never 0 for unknown tokens."""
         tokens, model = self.svc.tokens, self.record.model_requested
-        prompt = await tokens.count_prompt_async(model, self.prompt_of()) if self.body else 0
+        prompt = (
+            await tokens.count_prompt_async(model, self.prompt_of())
+            if self.body is not None or self.prompt is not None
+            else 0
+        )
         # Deltas are joined first: a word split over two chunks is one token, not two.
         joined = ["".join(texts)] if texts else []
         output = await tokens.count_texts_async(model, joined) + -(-overflow_chars // 4)
@@ -329,8 +460,12 @@ class Call:
 
     def prompt_of(self) -> Prompt:
         if self.prompt is None:
-            assert self.route is not None and self.body is not None
-            self.prompt = self.route.shape.prompt(self.route.endpoint, self.body)
+            assert self.route is not None
+            self.prompt = (
+                self.route.shape.prompt(self.route.endpoint, self.body)
+                if self.body is not None
+                else Prompt()
+            )
         return self.prompt
 
     def _estimate_now(self) -> Usage:
@@ -338,7 +473,7 @@ class Call:
         so big texts are estimated at 4 characters a token instead of being tokenized."""
         tokens, model = self.svc.tokens, self.record.model_requested
         prompt = output = 0
-        if self.body:
+        if self.body is not None or self.prompt is not None:
             p = self.prompt_of()
             prompt = (
                 tokens.count(model, p.texts) + p.fixed_tokens
@@ -355,17 +490,35 @@ class Call:
             )
         return Usage(input_tokens=max(prompt, 1), output_tokens=output, source=ESTIMATED)
 
-    def price_usage(self, usage: Usage | None) -> None:
-        """Set tokens and cost on the row and settle the reservation."""
+    def price_usage(self, usage: Usage | None, units: int | None = None) -> None:
+        """Set tokens and cost on the row and settle the reservation. `units`: images,
+        characters or seconds, for what is priced per unit."""
         rec = self.record
-        if usage is None:
+        if usage is None and units is None:
             rec.cost_pico = 0
+        elif self.price is None:
+            if usage is not None:
+                rec.set_usage(usage)
+            rec.cost_pico = None
         else:
-            rec.set_usage(usage)
-            rec.cost_pico = self.price.cost(usage) if self.price is not None else None
+            cost = 0
+            if usage is not None:
+                rec.set_usage(usage)
+                cost = self.price.cost(usage)
+            if units is not None:
+                assert self.route is not None
+                unit = self.price.unit_cost(self.route.endpoint.kind.value, units, self.facts.size)
+                if unit is None and usage is None:
+                    rec.cost_pico = None
+                    self._settle()
+                    return
+                cost += unit or 0
+            rec.cost_pico = cost
         self._settle()
 
     def _settle(self) -> None:
+        if self.stream_budget is not None and self.ticket is not None:
+            self.record.reserved_pico = self.ticket.amount  # extensions included
         if self.ticket is not None:
             self.svc.enforcer.settle(self.ticket, self.record.cost_pico, self.svc.clock())
             self.record.reserved_pico = self.ticket.amount
@@ -435,50 +588,10 @@ class Call:
         return response
 
 
-# -- helpers ------------------------------------------------------------------------------
-
-
-def _parse_json(raw: bytes) -> JSONObj:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise ProxyFault(
-            400, "invalid_json", f"meterproxy: the request body is not valid JSON ({e})"
-        ) from None
-    if not isinstance(body, dict):
-        raise ProxyFault(400, "invalid_json", "meterproxy: the request body must be a JSON object")
-    return body
-
-
-def _model_of(body: JSONObj, from_path: str | None) -> str:
-    model = from_path if from_path is not None else body.get("model")
-    if model is None:
-        raise ProxyFault(
-            400, "missing_model", "meterproxy: the request has no 'model'", param="model"
-        )
-    if not isinstance(model, str):
-        raise ProxyFault(
-            400, "invalid_model",
-            f"meterproxy: 'model' must be a non-empty string, got {type(model).__name__}",
-            param="model",
-        )  # fmt: skip
-    if not model.strip() or len(model) > 256 or not model.isprintable():
-        raise ProxyFault(
-            400,
-            "invalid_model",
-            "meterproxy: 'model' must be a non-empty string of printable characters,"
-            " at most 256 long",
-            param="model",
-        )
-    return model
-
-
 def _query(request: web.Request, proxy_keys: bool) -> str:
     """The query string as sent; a proxy key in `?key=` (Gemini) never goes upstream."""
     if not proxy_keys or "key" not in request.query:
         return request.query_string
-    from urllib.parse import urlencode
-
     return urlencode([(k, v) for k, v in request.query.items() if k != "key"])
 
 

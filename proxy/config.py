@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from proxy.bounds import MAX_HEARTBEAT_USD
+from proxy.bounds import MAX_HEARTBEAT_USD, MAX_TOKENS
 from proxy.hosts import is_loopback_host
 from proxy.ids import IdError, validate_id
 from proxy.money import usd_to_pico
@@ -24,6 +24,8 @@ from proxy.schema import MISSING, FieldError, Section, yaml_line
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 PROVIDERS = ("openai", "anthropic", "azure", "gemini")
+# Providers whose tokenizers count more than tiktoken on ordinary text (README, Providers).
+DEFAULT_MARGINS = {"anthropic": 0.4, "gemini": 0.2}
 # Where a provider's calls go when no upstream of that provider is configured (and no
 # proxy keys are: then every upstream must carry its own key). Azure has no default: its
 # endpoint is per resource.
@@ -145,10 +147,22 @@ class Config:
     log_file: Path | None = None
     log_level: str = "INFO"
     timezone: str = "UTC"
-    reserve_output_tokens: int = 4096
+    # The least output an uncapped call is expected to produce (a stream's first slice);
+    # more when the agent's own recent answers from that model run longer.
+    reserve_output_tokens: int = 1024
     # Input tokens reserved = tiktoken's count x (1 + margin): providers count a little
     # differently, and the guarantee needs the reservation to be an upper bound.
     reserve_input_margin: float = 0.1
+    # Per provider, where its tokenizer counts more than tiktoken (see README, Providers).
+    reserve_input_margins: tuple[tuple[str, float], ...] = ()
+    # A non-streamed call whose output cap the remaining budget cannot cover: clamp its cap
+    # to what the budget affords (default), reserve on its expected size (expected), or
+    # refuse it (reserve_max).
+    on_uncapped: str = "clamp"
+    clamp_share: float = 0.25  # the most of what remains one uncapped call may reserve
+    unpriced: str = "block"  # what cannot be priced, for agents under a block limit
+    unknown_chain: str = "context_window"  # a chain the proxy did not see: or block
+    background_max_seconds: float = 86400.0  # how long a background response is awaited
     policies: PolicySet = field(default_factory=PolicySet)
     alerts: AlertsConfig = AlertsConfig()
     heartbeat_enabled: str = "auto"  # auto: on when bound to loopback or with proxy keys
@@ -186,6 +200,13 @@ class Config:
         if provider in IMPLICIT_UPSTREAMS and not self.keys:
             return Upstream(provider, IMPLICIT_UPSTREAMS[provider], provider=provider)
         return None
+
+    def input_margin(self, provider: str) -> float:
+        """tiktoken's count x (1 + this) bounds what the provider will count as input."""
+        margins = dict(self.reserve_input_margins)
+        if provider in margins:
+            return margins[provider]
+        return max(self.reserve_input_margin, DEFAULT_MARGINS.get(provider, 0.0))
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -240,6 +261,11 @@ def _upstreams(top: Section) -> tuple[Upstream, ...]:
     if sum(u.default for u in upstreams) > 1:
         raise FieldError("upstreams", "(several)", "only one upstream can be the default")
     return tuple(upstreams)
+
+
+def _margins(section: Section) -> tuple[tuple[str, float], ...]:
+    section.check_unknown(PROVIDERS)
+    return tuple((p, float(section.number(p, min=0, max=10))) for p in section.data)
 
 
 def _tier(value: str) -> str | None:
@@ -316,6 +342,12 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
             "timezone",
             "reserve_output_tokens",
             "reserve_input_margin",
+            "reserve_input_margins",
+            "on_uncapped",
+            "clamp_share",
+            "unpriced",
+            "unknown_chain",
+            "background_max_seconds",
             "global",
             "defaults",
             "agents",
@@ -413,8 +445,18 @@ def parse_config(data: Any, path: Path | None = None) -> Config:
         stall_seconds=storage.number("stall_seconds", 10.0, min=0.1, max=86400),
         log_level=logging_.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         timezone=tz,
-        reserve_output_tokens=budgets.integer("reserve_output_tokens", 4096, min=1),
-        reserve_input_margin=budgets.number("reserve_input_margin", 0.1, min=0),
+        reserve_output_tokens=budgets.integer("reserve_output_tokens", 1024, min=1, max=MAX_TOKENS),
+        reserve_input_margin=budgets.number("reserve_input_margin", 0.1, min=0, max=10),
+        reserve_input_margins=_margins(budgets.section("reserve_input_margins")),
+        on_uncapped=budgets.choice("on_uncapped", ("clamp", "expected", "reserve_max"), "clamp"),
+        clamp_share=budgets.number("clamp_share", 0.25, min=0.01, max=1),
+        unpriced=budgets.choice("unpriced", ("block", "allow"), "block"),
+        unknown_chain=budgets.choice(
+            "unknown_chain", ("context_window", "block"), "context_window"
+        ),
+        background_max_seconds=budgets.number(
+            "background_max_seconds", 86400.0, min=1, max=30 * 86400
+        ),
         policies=parse_policies(budgets),
         alerts=AlertsConfig(
             webhooks=tuple(webhooks),

@@ -239,6 +239,8 @@ class MemoryCounters:
     async def extend(self, ticket: Ticket, adm: Admission) -> Outcome:
         """More reservation for an admitted call (a stream that runs on): the caps of its
         cost limits only; the extra amount goes on every counter of the first one."""
+        if ticket.settled:
+            return Outcome(False)
         before = {d.key: _pair(self.values.get(d.key)) for d in adm.demands}
         for d in adm.demands:
             used, reserved = before[d.key]

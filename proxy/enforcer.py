@@ -28,13 +28,14 @@ from proxy.admission import (
     make_plan,
     pause_reason,
     plan_admission,
+    plan_limits,
     refusal_message,
     retry_after,
     spend_keys,
 )
 from proxy.counters import CounterStore, MemoryCounters, Ticket
 from proxy.money import usd_exact
-from proxy.policy import LOOP_CODE, PAUSED_CODE, PolicySet
+from proxy.policy import LOOP_CODE, PAUSED_CODE, REFUSING, PolicySet
 from proxy.storage.base import CounterKey, StorageUnavailable
 from proxy.windows import Calendar
 
@@ -127,6 +128,18 @@ class Enforcer:
     def needs_estimate(self, agent: str) -> bool:
         """Whether admission needs the call's cost (a cost limit applies)."""
         return self.plan(agent).needs_estimate
+
+    def headroom(self, agent: str, intent: str | None, now: float) -> int | None:
+        """What the tightest money limit that refuses still allows, as this process sees it
+        (None: no such limit). A hint for sizing a call; admission decides atomically."""
+        tightest = None
+        for lim in plan_limits(self.plan(agent), agent, intent, self.calendar, now,
+                               counting=False):  # fmt: skip
+            if lim.money and lim.action in REFUSING:
+                used, reserved = self.store.value(lim.key)
+                left = max(lim.value - used - reserved, 0)
+                tightest = left if tightest is None else min(tightest, left)
+        return tightest
 
     def loop_guard_applies(self, agent: str) -> bool:
         return self.plan(agent).loop_policy is not None

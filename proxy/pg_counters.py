@@ -84,6 +84,9 @@ class PgCounters:
         )  # fmt: skip
         outcome = self._outcome(adm, result)
         if outcome.ok:
+            if ticket.settled:  # the call ended meanwhile: its row has released the rest
+                await self.db.release_lease(ticket.lease)
+                return Outcome(False)
             ticket.amount += adm.amount
         return outcome
 

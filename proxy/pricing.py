@@ -15,15 +15,20 @@ from typing import Any
 
 import yaml
 
-from proxy.bounds import MAX_PRICE_PER_M, MAX_TOKENS
+from proxy.bounds import MAX_PRICE_PER_M, MAX_TOKENS, MAX_UNIT_PRICE
+from proxy.images import ImageRule
 from proxy.money import PICO_PER_USD
 from proxy.schema import FieldError, Section, decimal_places, yaml_line
 from proxy.usage import Usage
 
 _PICO_PER_TOKEN_PER_USD_PER_M = PICO_PER_USD // 10**6
 SERVICE_TIERS = ("priority", "flex")
-_RATE_KEYS = ("input", "cached_input", "output", "reasoning", "cache_write")
-_MODEL_KEYS = (*_RATE_KEYS, "max_output", "aliases", "long_context", "note", *SERVICE_TIERS)
+_RATE_KEYS = ("input", "cached_input", "output", "reasoning", "cache_write", "cache_write_1h",
+              "image_input", "audio_input")  # fmt: skip
+_UNIT_KEYS = ("per_image", "per_million_chars", "per_minute")
+_MODEL_KEYS = (*_RATE_KEYS, *_UNIT_KEYS, "max_output", "aliases", "long_context", "note",
+               "context_window", "hidden_reasoning", "images", "image_output_tokens",
+               *SERVICE_TIERS)  # fmt: skip
 
 # Suffixes a provider appends to pin a snapshot: -2024-08-06, -20250929, -0613, @20251001.
 _DATE_SUFFIX = re.compile(r"(?:[-@]\d{4}-\d{2}-\d{2}|[-@]\d{8}|-\d{4})$")
@@ -48,6 +53,48 @@ class Rates:
     output: int
     reasoning: int
     cache_write: int
+    cache_write_1h: int = 0  # Anthropic's 1-hour cache writes
+    image_input: int = 0  # image tokens in the input (gpt-image models)
+    audio_input: int = 0  # audio tokens in the input (transcription, audio models)
+
+    @property
+    def dearest_input(self) -> int:
+        """What an input token can cost at most: every one written to a cache, say."""
+        return max(self.input, self.cache_write, self.cache_write_1h, self.image_input,
+                   self.audio_input)  # fmt: skip
+
+    @property
+    def dearest_output(self) -> int:
+        return max(self.output, self.reasoning)
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrices:
+    """Prices of what is not counted in tokens, in pico-USD."""
+
+    per_image: dict[str, int] = field(default_factory=dict)  # "1024x1024/hd" (or "*") -> pico
+    image_output_tokens: dict[str, int] = field(default_factory=dict)  # same keys -> tokens
+    per_char: int | None = None  # text to speech
+    per_minute: int | None = None  # speech to text
+
+    def image(self, size: str | None) -> int | None:
+        return _by_size(self.per_image, size)
+
+    def image_tokens(self, size: str | None) -> int | None:
+        return _by_size(self.image_output_tokens, size)
+
+
+def _by_size(table: dict[str, int], size: str | None) -> int | None:
+    """`1024x1024/hd` -> its entry; `.../auto` -> the dearest of that size; else `*`."""
+    if not table:
+        return None
+    if size in table:
+        return table[size]
+    dims = (size or "").split("/", 1)[0]
+    same = [v for k, v in table.items() if k.split("/", 1)[0] == dims]
+    if same:
+        return max(same)
+    return table.get("*", max(table.values()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +106,10 @@ class ModelPrice:
     long_context_above: int | None = None
     long_context: Rates | None = None
     max_output: int | None = None
+    context_window: int | None = None  # what a chain the proxy did not see may hold
+    hidden_reasoning: bool = False  # reasons in tokens a stream never shows
+    image_rule: ImageRule | None = None  # how images in a prompt count as tokens
+    units: UnitPrices = field(default_factory=UnitPrices)
 
     def rates_for(self, service_tier: str | None, input_tokens: int) -> Rates:
         if service_tier in self.tiers:
@@ -68,17 +119,36 @@ class ModelPrice:
         return self.rates
 
     def cost(self, usage: Usage) -> int:
-        """Exact cost in pico-USD; reasoning tokens are part of output tokens."""
+        """Exact cost in pico-USD; reasoning tokens are part of output tokens, 1-hour cache
+        writes part of cache writes, image and audio input tokens part of uncached input."""
         r = self.rates_for(usage.service_tier, usage.input_tokens)
         uncached = max(usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens, 0)
+        media = min(usage.image_input_tokens + usage.audio_input_tokens, uncached)
         visible_output = max(usage.output_tokens - usage.reasoning_tokens, 0)
+        write_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
         return (
-            uncached * r.input
+            (uncached - media) * r.input
+            + usage.image_input_tokens * (r.image_input or r.input)
+            + usage.audio_input_tokens * (r.audio_input or r.input)
             + usage.cached_input_tokens * r.cached_input
-            + usage.cache_write_tokens * r.cache_write
+            + (usage.cache_write_tokens - write_1h) * r.cache_write
+            + write_1h * (r.cache_write_1h or r.cache_write)
             + visible_output * r.output
             + usage.reasoning_tokens * r.reasoning
         )
+
+    def unit_cost(self, kind: str, units: int, size: str | None = None) -> int | None:
+        """What `units` cost when they are not tokens: images (by size), characters of
+        speech, seconds of audio (per-minute prices, to the nearest pico-dollar). None: no
+        such price."""
+        u = self.units
+        if kind == "images" and (per_image := u.image(size)) is not None:
+            return per_image * units
+        if kind == "speech" and u.per_char is not None:
+            return u.per_char * units
+        if kind == "transcription" and u.per_minute is not None:
+            return (u.per_minute * units + 30) // 60
+        return None
 
     def worst_case(self, input_tokens: int, output_tokens: int) -> int:
         """The most a call can cost: no cache discount, the dearest applicable tier."""
@@ -154,21 +224,67 @@ def _rate(section: Section, key: str, default: int | None) -> int:
     return int(amount * _PICO_PER_TOKEN_PER_USD_PER_M)
 
 
-def _rates(section: Section, base: Rates | None = None) -> Rates:
-    input_rate = _rate(section, "input", base.input if base else None)
-    output_rate = _rate(section, "output", base.output if base else None)
+def _rates(section: Section, base: Rates | None = None, unit_priced: bool = False) -> Rates:
+    missing = 0 if unit_priced else None  # a model priced per unit needs no token price
+    input_rate = _rate(section, "input", base.input if base else missing)
+    output_rate = _rate(section, "output", base.output if base else missing)
+    # Within a tier or long-context section, the usual defaults follow that section's own
+    # input and output prices; what only some models have follows the model's.
     return Rates(
         input=input_rate,
         cached_input=_rate(section, "cached_input", input_rate),
         output=output_rate,
         reasoning=_rate(section, "reasoning", output_rate),
         cache_write=_rate(section, "cache_write", input_rate),
+        cache_write_1h=_rate(section, "cache_write_1h", base.cache_write_1h if base else 0),
+        image_input=_rate(section, "image_input", base.image_input if base else 0),
+        audio_input=_rate(section, "audio_input", base.audio_input if base else 0),
+    )
+
+
+def _unit(section: Section, key: str, scale: int) -> int:
+    """A unit price in USD (per image, per minute) or USD per 1M characters, as pico-USD
+    per unit (scale 10^12) or per character (10^6)."""
+    amount: Decimal = section.usd(key, max=MAX_UNIT_PRICE)
+    if decimal_places(amount) > 6:
+        section.fail(key, "has more than 6 decimal places")
+    return int(amount * scale)
+
+
+def _units(s: Section) -> UnitPrices:
+    per_image = {}
+    if s.has("per_image"):
+        images = s.section("per_image")
+        per_image = {str(k): _unit(images, str(k), PICO_PER_USD) for k in images.data}
+    tokens = {}
+    if s.has("image_output_tokens"):
+        t = s.section("image_output_tokens")
+        tokens = {str(k): t.integer(str(k), min=0, max=MAX_TOKENS) for k in t.data}
+    return UnitPrices(
+        per_image=per_image,
+        image_output_tokens=tokens,
+        per_char=_unit(s, "per_million_chars", 10**6) if s.has("per_million_chars") else None,
+        per_minute=_unit(s, "per_minute", PICO_PER_USD) if s.has("per_minute") else None,
+    )
+
+
+def _image_rule(s: Section) -> ImageRule | None:
+    if not s.has("images"):
+        return None
+    i = s.section("images")
+    i.check_unknown(("rule", "base", "tile", "max_patches", "multiplier"))
+    return ImageRule(
+        i.choice("rule", ("tiles", "patches", "pixels", "gemini")),
+        base=i.integer("base", 85, min=0, max=MAX_TOKENS),
+        tile=i.integer("tile", 170, min=0, max=MAX_TOKENS),
+        max_patches=i.integer("max_patches", 1536, min=1, max=MAX_TOKENS),
+        multiplier=i.number("multiplier", 1.0, min=0, max=100),
     )
 
 
 def _model(name: str, provider: str, s: Section) -> tuple[ModelPrice, list[str]]:
     s.check_unknown(_MODEL_KEYS)
-    rates = _rates(s)
+    rates = _rates(s, unit_priced=any(s.has(k) for k in _UNIT_KEYS))
     tiers = {}
     for tier in SERVICE_TIERS:
         if s.has(tier):
@@ -183,10 +299,14 @@ def _model(name: str, provider: str, s: Section) -> tuple[ModelPrice, list[str]]
         above = lc.integer("above_tokens", min=1, max=MAX_TOKENS)
         long_rates = _rates(lc, rates)
     max_output = s.integer("max_output", None, min=1, max=MAX_TOKENS)
-    return (
-        ModelPrice(name, provider, rates, tiers, above, long_rates, max_output),
-        s.strings("aliases"),
-    )
+    price = ModelPrice(
+        name, provider, rates, tiers, above, long_rates, max_output,
+        context_window=s.integer("context_window", None, min=1, max=MAX_TOKENS),
+        hidden_reasoning=s.boolean("hidden_reasoning", False),
+        image_rule=_image_rule(s),
+        units=_units(s),
+    )  # fmt: skip
+    return price, s.strings("aliases")
 
 
 def parse_price_table(text: str, path: Path | str = "pricing.yaml") -> PriceTable:

@@ -1,6 +1,6 @@
-"""How an upstream's answer reaches the client: a metered JSON body, a metered stream, or
-bytes passed through. Each ends with the call's row committed before its last byte goes
-out (the durability promise), and each mirrors an upstream that fails mid-way."""
+"""How an upstream's answer reaches the client: a metered body, a metered stream, or bytes
+passed through. Each ends with the call's row committed before its last byte goes out
+(the durability promise), and each mirrors an upstream that fails mid-way."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import ClientResponse, web
 
-from proxy.decoding import DecodeError, decode_all, decoder
+from proxy.decoding import DecodeError, Decoder, decode_all, decoder
+from proxy.errors import BUDGET_ERROR
 from proxy.money import usd_exact
 from proxy.redact import redact
+from proxy.shapes.base import Kind
 from proxy.sse import AFTER_FINAL_BYTES, StreamMeter
 from proxy.upstream import response_headers
+from proxy.usage import ESTIMATED
 
 if TYPE_CHECKING:
     from proxy.call import Call
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
 # After a stream's final event: how long to wait for the upstream's end (it is normally
 # already there), before cutting the connection instead.
 AFTER_FINAL_SECONDS = 1.0
+REQUEST = "request"  # usage_source of what the request itself says exactly (characters)
+_RETRIEVE_MAX_BYTES = 64 << 20
 
 
 def _loads(data: bytes) -> object:
@@ -42,46 +47,59 @@ def error_text(call: Call, status: int, data: bytes) -> str:
     return redact(f"upstream {status}: {message[:300]}")
 
 
-async def json(call: Call, response: ClientResponse) -> web.StreamResponse:
-    """A metered, non-streaming answer: read whole, metered, sent with its cost."""
+# -- a metered body ------------------------------------------------------------------------
+
+
+async def meter_json(call: Call, response: ClientResponse, data: bytes) -> None:
+    """Usage and cost of a whole answer, onto the call's row (and its reservation settled)."""
     rec = call.record
     assert call.route is not None
     shape, ep = call.route.shape, call.route.endpoint
-    try:
-        data = await response.read()
-        call.timings.done = time.perf_counter()
-    except Exception as e:
-        fault = call.upstream_fault(e)
-        if fault is None:
-            raise
-        raise fault from None
     rec.status = response.status
-    if 200 <= response.status < 300:
-        error = None
-        try:
-            body = decode_all(data, response.headers.get("Content-Encoding"))
-        except DecodeError as e:
-            body, error = b"", f"upstream body is {e}"
-        obj = _loads(body) if body else None
-        facts = shape.body_facts(ep, obj)
-        rec.model_served = facts.model
-        rec.response_id = facts.response_id
-        if facts.usage is not None:
-            call.price_usage(facts.usage)
-        else:
-            if error is not None:
-                rec.error = error
-                texts: list[str] = []
-            elif obj is None:
-                rec.error = "upstream body is not JSON"
-                texts = [body.decode("utf-8", "replace")]
-            else:
-                rec.error = facts.usage_error
-                texts = list(shape.output_texts(ep, obj))
-            call.price_usage(await call.estimate(texts))
-    else:
+    if not 200 <= response.status < 300:
         rec.error = error_text(call, response.status, data)
         call.price_usage(None)
+        return
+    error = None
+    try:
+        body = decode_all(data, response.headers.get("Content-Encoding"))
+    except DecodeError as e:
+        body, error = b"", f"upstream body is {e}"
+    obj = _loads(body) if body else None
+    facts = shape.body_facts(ep, obj)
+    rec.model_served = facts.model
+    if not call.absorb(facts):
+        return  # a background response: billed when it finishes
+    if ep.kind is Kind.SPEECH:  # audio bytes back: the characters sent are the measure
+        rec.usage_source = REQUEST
+        call.price_usage(None, call.facts.units)
+        return
+    units = facts.units
+    if ep.kind is Kind.TRANSCRIPTION and facts.usage is None and units is None:
+        units = call.facts.units  # seconds from the file: exact for WAV, FLAC, CBR MP3
+        rec.usage_source = ESTIMATED
+        rec.error = f"no usage or duration in the answer: billed for {units}s, from the file"
+    if facts.usage is not None or units is not None:
+        call.price_usage(facts.usage, units)
+        if facts.usage is None and rec.usage_source not in (ESTIMATED,):
+            rec.usage_source = "provider"
+        return
+    if error is not None:
+        rec.error = error
+        texts: list[str] = []
+    elif obj is None:
+        rec.error = "upstream body is not JSON"
+        texts = [body.decode("utf-8", "replace")]
+    else:
+        rec.error = facts.usage_error
+        texts = list(shape.output_texts(ep, obj))
+    call.price_usage(await call.estimate(texts))
+
+
+async def json(call: Call, response: ClientResponse, data: bytes) -> web.StreamResponse:
+    """A metered answer that does not stream: metered whole, sent with its cost."""
+    await meter_json(call, response, data)
+    rec = call.record
     headers = response_headers(response.headers)
     headers["x-meter-request-id"] = rec.id
     headers["x-meter-cost-usd"] = (
@@ -92,6 +110,34 @@ async def json(call: Call, response: ClientResponse) -> web.StreamResponse:
     return call.response
 
 
+async def retrieved(call: Call, response: ClientResponse) -> web.StreamResponse:
+    """`GET responses/{id}`: passed on as it came; a finished background response in it
+    has its cost recorded."""
+    try:
+        data = await response.content.read(_RETRIEVE_MAX_BYTES + 1)
+    except Exception as e:
+        fault = call.upstream_fault(e)
+        if fault is None:
+            raise
+        raise fault from None
+    rec = call.record
+    rec.status = response.status
+    call.price_usage(None)
+    if len(data) <= _RETRIEVE_MAX_BYTES:
+        with contextlib.suppress(DecodeError):
+            body = decode_all(data, response.headers.get("Content-Encoding"))
+            assert call.route is not None
+            await call.observed(call.route.shape.body_facts(call.route.endpoint, _loads(body)))
+    headers = response_headers(response.headers)
+    headers["x-meter-request-id"] = rec.id
+    await call.commit()
+    call.response = web.Response(status=response.status, body=data, headers=headers)
+    return call.response
+
+
+# -- a metered stream ----------------------------------------------------------------------
+
+
 async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web.StreamResponse:
     rec, config = call.record, call.svc.config
     assert call.route is not None
@@ -100,7 +146,8 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
     try:
         decode = decoder(response.headers.get("Content-Encoding"))
     except DecodeError as e:
-        return await _stream_undecodable(call, response, f"upstream stream is {e}")
+        rec.error = f"upstream stream is {e}"
+        return await raw(call, response, estimate=True)
     if decode is not None:
         # Events are read, and may be changed (a usage chunk dropped, a cut): the client
         # gets them decoded, as it would from an upstream that honoured identity.
@@ -109,9 +156,11 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
     out.headers["x-meter-request-id"] = rec.id
     call.response = out
     await out.prepare(call.request)
+    budget = call.stream_budget
     meter = call.meter = StreamMeter(shape.stream_reader(ep, strip_usage),
-                                     count_output=call.stream_budget is not None)  # fmt: skip
+                                     count_output=budget is not None)  # fmt: skip
     cut: str | None = None
+    refusal = None
     client_gone = False
     try:
         async for chunk in response.content.iter_any():
@@ -119,6 +168,8 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
             if data:
                 await out.write(data)
             if meter.final_seen:
+                break
+            if budget is not None and (refusal := await budget.after(meter.take_fresh())):
                 break
         if meter.final_seen and not response.content.at_eof():
             cut = await _after_final(meter, response, decode)
@@ -132,24 +183,39 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
         if call.upstream_fault(e) is None:
             raise
         cut = f"upstream stream cut: {type(e).__name__}"
+    if refusal is not None:
+        response.close()  # the provider stops generating (and billing) when we hang up
     call.timings.done = time.perf_counter()
+    if budget is not None:
+        await budget.settled()
     rec.status = response.status
     rec.model_served = meter.model
     facts = meter.facts
-    rec.response_id = facts.response_id or getattr(meter.reader, "response_id", None)
+    facts.response_id = facts.response_id or getattr(meter.reader, "response_id", None)
     if not 200 <= response.status < 300:
         rec.error = "upstream stream answered an error"
         call.price_usage(None)
     elif facts.usage is None:
         rec.error = facts.usage_error
+        call.absorb(facts)
         call.price_usage(await call.estimate(meter.generated_texts(), meter.overflow_chars))
-    else:
+    elif call.absorb(facts):
         call.price_usage(facts.usage)
-    if client_gone:
+    if facts.usage is not None and ep.name == "responses/retrieve":
+        await call.observed(facts)
+    if refusal is not None:
+        rec.error = f"stream cut by the budget: {refusal.message}"
+    elif client_gone:
         rec.error = "client disconnected mid-stream"
     elif cut:
         rec.error = cut
     await call.commit()
+    if refusal is not None:
+        message = (f"meterproxy: {refusal.message}. The stream was cut here: what it generated"
+                   " up to this point is billed")  # fmt: skip
+        with contextlib.suppress(ConnectionResetError):
+            await out.write_eof(shape.cut_event(ep, BUDGET_ERROR, refusal.code, message))
+        return out
     if client_gone or (cut and not meter.final_seen):
         # Mirror the cut: close without the final event, so the client sees a broken
         # stream, not one that ended cleanly.
@@ -163,7 +229,9 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
     return out
 
 
-async def _after_final(meter: StreamMeter, response: ClientResponse, decode: object) -> str | None:
+async def _after_final(
+    meter: StreamMeter, response: ClientResponse, decode: Decoder | None
+) -> str | None:
     """The upstream's end after the final event, normally there already. What follows the
     final event is kept up to a bound; more, or no end in time, and the upstream
     connection is dropped (nothing after the final event matters to a client)."""
@@ -173,7 +241,7 @@ async def _after_final(meter: StreamMeter, response: ClientResponse, decode: obj
                 chunk = await response.content.readany()
                 if not chunk:
                     return None
-                meter.feed(decode.decode(chunk) if decode is not None else chunk)  # type: ignore[attr-defined]
+                meter.feed(decode.decode(chunk) if decode is not None else chunk)
     except TimeoutError:
         response.close()
         return None
@@ -181,24 +249,24 @@ async def _after_final(meter: StreamMeter, response: ClientResponse, decode: obj
     return f"upstream sent more than {AFTER_FINAL_BYTES} bytes after the final event; cut"
 
 
-async def _stream_undecodable(call: Call, response: ClientResponse, why: str) -> web.StreamResponse:
-    """A stream in an encoding the proxy cannot read: passed through as it came, its usage
-    estimated from the request alone, the reason on the row."""
-    call.record.error = why
-    out = await raw(call, response, metered=True)
-    return out
+# -- bytes through -------------------------------------------------------------------------
 
 
-async def raw(call: Call, response: ClientResponse, *, metered: bool = False) -> web.StreamResponse:
-    """Unmetered paths: bytes through as they come; the last chunk waits for the row."""
+async def raw(
+    call: Call, response: ClientResponse, *, estimate: bool = False
+) -> web.StreamResponse:
+    """Unmetered paths (and a stream the proxy cannot decode): bytes through as they come;
+    the last chunk waits for the row."""
     rec = call.record
     out = web.StreamResponse(status=response.status, headers=response_headers(response.headers))
     out.headers["x-meter-request-id"] = rec.id
     if response.content_length is not None:
         out.content_length = response.content_length
     rec.status = response.status
-    if not metered:
+    if not estimate:
         call.price_usage(None)
+        if call.unpriced and 200 <= response.status < 300:
+            rec.cost_pico = None  # it bills; what, the proxy cannot know
     call.response = out
     await out.prepare(call.request)
     pending = b""
@@ -217,7 +285,7 @@ async def raw(call: Call, response: ClientResponse, *, metered: bool = False) ->
             raise
         error = f"upstream body cut: {type(e).__name__}"
     call.timings.done = time.perf_counter()
-    if metered:
+    if estimate:
         call.price_usage(await call.estimate([]))
     if error:
         rec.error = error

@@ -13,10 +13,12 @@ from aiohttp import ClientSession, web
 
 from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
+from proxy.background import BackgroundBook
 from proxy.calllog import CallSink, log_call
 from proxy.config import Config
 from proxy.enforcer import Enforcer
 from proxy.events import EventBus
+from proxy.history import ChainBook, OutputHistory
 from proxy.ledger import LedgerWriter
 from proxy.metrics import Metrics
 from proxy.observers import CallObserver
@@ -59,6 +61,12 @@ class Services:
     watch: UpstreamWatch | None = None
     call_sink: CallSink = log_call  # `serve` swaps in a direct writer (see calllog)
     observers: list[CallObserver] = field(default_factory=list)
+    history: OutputHistory = field(default_factory=lambda: OutputHistory(None))
+    chains: ChainBook = field(default_factory=lambda: ChainBook(None))
+    background: BackgroundBook = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.background = BackgroundBook(self, self.clock)
 
     def grace_left(self) -> float:
         """What remains of the shutdown's grace period (all of it before one starts)."""

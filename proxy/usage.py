@@ -26,6 +26,7 @@ class Usage:
     source: str = NONE
     cache_write_1h_tokens: int = 0  # Anthropic's 1-hour cache writes, priced apart
     image_input_tokens: int = 0  # image tokens in the input (gpt-image), priced apart
+    audio_input_tokens: int = 0  # audio tokens in the input (transcription), priced apart
 
     def check(self) -> None:
         """Raise InvalidUsage when the parts do not fit in the wholes."""
@@ -44,10 +45,11 @@ class Usage:
                 f"1-hour cache writes ({self.cache_write_1h_tokens}) exceed cache writes"
                 f" ({self.cache_write_tokens})"
             )
-        if self.image_input_tokens > self.input_tokens - self.cached_input_tokens:
+        media = self.image_input_tokens + self.audio_input_tokens
+        if media > self.input_tokens - self.cached_input_tokens:
             raise InvalidUsage(
-                f"image input tokens ({self.image_input_tokens}) exceed uncached input"
-                f" tokens ({self.input_tokens - self.cached_input_tokens})"
+                f"image and audio input tokens ({media}) exceed uncached input tokens"
+                f" ({self.input_tokens - self.cached_input_tokens})"
             )
         for name in ("input_tokens", "output_tokens"):
             if getattr(self, name) > MAX_TOKENS:

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "hold_open": False,  # stream: after the final event, keep the connection open, silent
     "compress": None,  # "gzip": compress the body whatever the client accepts
     "echo_instructions": False,  # Responses: echo the request's instructions, as OpenAI does
+    "finish_reason": "stop",
 }
 
 
@@ -64,6 +65,7 @@ class FakeUpstream:
     chunks_sent: int = 0
     cancelled: int = 0  # requests whose client (the proxy) went away before the end
     after_final_sent: int = 0  # bytes written after a stream's final event
+    caps: list[int | None] = field(default_factory=list)  # the output cap of each request
     # A test's own handler for what the script cannot say (it gets the request, read).
     handle_override: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
 
@@ -106,6 +108,13 @@ class FakeUpstream:
         if not path.endswith(("/completions", "/embeddings", "/responses")):
             return web.json_response({"echo": path})
         req = json.loads(body) if body else {}
+        # A provider stops at the output cap it is given (the proxy's clamp relies on it).
+        cap = next((req[k] for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                    if isinstance(req.get(k), int)), None)  # fmt: skip
+        self.caps.append(cap)
+        if cap is not None and cap < s["completion_tokens"]:
+            s = {**s, "completion_tokens": cap, "chunks": min(s["chunks"], cap),
+                 "finish_reason": "length"}  # fmt: skip
         if s["not_json"]:
             self.served += 1
             return web.Response(text="<html>bad gateway</html>", content_type="text/html")
@@ -161,12 +170,12 @@ class FakeUpstream:
     def _completion(self, req: dict[str, Any], s: dict[str, Any], legacy: bool) -> dict[str, Any]:
         model = s["model"] or req.get("model")
         if legacy:
-            choice = {"index": 0, "text": s["content"], "finish_reason": "stop"}
+            choice = {"index": 0, "text": s["content"], "finish_reason": s["finish_reason"]}
         else:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": s["content"]},
-                "finish_reason": "stop",
+                "finish_reason": s["finish_reason"],
             }
         out = {
             "id": "chatcmpl-fake",
@@ -275,6 +284,8 @@ class FakeUpstream:
         for i, event in enumerate(events):
             if s["cut_after"] is not None and i == s["cut_after"]:
                 assert request.transport is not None
+                # A reset makes the peer drop what it has not read yet: let it read first.
+                await asyncio.sleep(0.05)
                 request.transport.abort()
                 return resp
             if s["stall_after"] is not None and i == s["stall_after"]:

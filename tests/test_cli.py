@@ -41,7 +41,7 @@ def test_module_entry_point() -> None:
 
 def test_check_ok_and_broken(capsys: Any, tmp_path: Path) -> None:
     code, out, _ = run(capsys, "check")
-    assert code == 0 and "OK" in out and "62 models" in out
+    assert code == 0 and "OK" in out and "70 models" in out
     bad = tmp_path / "c.yaml"
     bad.write_text("budgets:\n  defaults:\n    max_cost_per_day_usd: lots\n")
     code, out, err = run(capsys, "check", "--config", str(bad))

@@ -60,8 +60,9 @@ async def seeded(make_proxy: ProxyFactory, fake: Any) -> Proxy:
             await client.chat.completions.create(model=model, messages=HI, max_tokens=200)
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/billing-agent/v1", api_key="k",
                                 max_retries=0)  # fmt: skip
+    long = [{"role": "user", "content": "word " * 2000}]  # its prompt alone: $0.0055 > $0.0028
     with pytest.raises(openai.RateLimitError):  # breaches its day budget: paused
-        await client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=200)
+        await client.chat.completions.create(model="gpt-4o", messages=long, max_tokens=200)
     await proxy.flushed()
     return proxy
 

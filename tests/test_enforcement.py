@@ -46,28 +46,29 @@ async def test_refusal_as_the_openai_sdk_sees_it(make_proxy: ProxyFactory, fake:
     upstream, _ = fake
     proxy = await budget_proxy(
         make_proxy,
-        "budgets:\n  agents:\n    research-agent: {max_cost_per_day_usd: 0.001}\n",
+        "budgets:\n  agents:\n    research-agent: {max_cost_per_day_usd: 0.0002}\n",
         options=Options(clock=clock),
     )
-    # gpt-4 with max_tokens=100: reserves at least 100 * $60/1M = $0.006 > $0.001.
+    # gpt-4: its prompt alone (10 tokens with the margin, x $30/1M) is $0.0003: no output
+    # cap makes it fit in $0.0002.
     client = sdk(proxy)  # default max_retries=2: the SDK would retry a plain 429
     with pytest.raises(openai.RateLimitError) as e:
         await client.chat.completions.create(model="gpt-4", messages=HI, max_tokens=100)
     response = e.value.response
     assert response.headers["x-should-retry"] == "false"
     assert response.headers["x-meter-limit"] == "max_cost_per_day_usd"
-    assert response.headers["x-meter-remaining-usd"] == "0.001"
+    assert response.headers["x-meter-remaining-usd"] == "0.0002"
     assert int(response.headers["Retry-After"]) > 0
     body = response.json()["error"]
     assert set(body) == {"message", "type", "code", "param"}
     assert (body["type"], body["code"], body["param"]) == (
         "budget_exceeded", "max_cost_per_day_usd", None,
     )  # fmt: skip
+    # 10 x $30/1M + 100 x $60/1M: the call as asked.
     assert body["message"].startswith(
-        "agent 'research-agent' reached max_cost_per_day_usd: used $0.0000 of $0.0010;"
-        " this call could cost up to $0.0"
+        "agent 'research-agent' reached max_cost_per_day_usd: used $0.00000 of $0.00020;"
+        " this call could cost up to $0.00630 but only $0.00020 remains; resets at"
     )
-    assert "but only $0.0010 remains; resets at" in body["message"]
     assert upstream.requests == []
     rows = await proxy.rows()
     assert len(rows) == 1  # asked once: the SDK did not retry
@@ -120,9 +121,12 @@ async def test_concurrent_calls_never_exceed_a_block_limit(
     assert spent <= limit_pico
     admitted = results.count("ok")
     assert 1 <= admitted < 200 and results.count("refused") == 200 - admitted
-    # Each admitted call cost exactly 9 * $2.50 + 100 * $10.00 per 1M.
-    assert spent == admitted * 1_022_500_000
     assert len(upstream.requests) == admitted
+    # Each admitted call cost exactly 9 * $2.50 + its output * $10.00 per 1M: 100 tokens,
+    # or fewer for a call whose cap was clamped to what the budget still afforded.
+    outputs = [min(cap or 100, 100) for cap in upstream.caps]
+    assert spent == sum(22_500_000 + n * 10_000_000 for n in outputs)
+    assert outputs.count(100) >= admitted // 2
     assert proxy.svc.enforcer.outstanding == 0 and proxy.svc.enforcer.outstanding_pico == 0
     storage = proxy.svc.storage
     if storage.shared:  # the database's own counters agree, and hold no reservation
@@ -336,9 +340,12 @@ budgets:
     assert "intent 'int_abc123' reached max_cost_per_intent_usd" in e.value.body["message"]  # type: ignore[index]
     assert "is now paused" in e.value.body["message"]  # type: ignore[index]
     spent = proxy.svc.enforcer.store.value(intent_key("research-agent", "int_abc123"))[0]
-    # Each call reserves 550 (500 + 10%) * $30 + 250 * $60 per 1M = $0.0315 and costs $0.03:
-    # after 66 calls ($1.98) the next reservation would pass $2.
-    assert calls == 66 and spent == 66 * 30_000_000_000
+    # Each call reserves 550 (500 + 10%) * $30 + 250 * $60 per 1M = $0.0315 and costs $0.03.
+    # After 66 calls ($1.98) the 67th does not fit as asked: its cap is clamped to the 58
+    # tokens the $0.02 left pays for (after its prompt), and GPT-4 stops there. Then
+    # nothing fits: the 68th is refused and the agent paused, $0.0015 short of $2.
+    assert calls == 67 and upstream.caps[-1] == 58
+    assert spent == 66 * 30_000_000_000 + 500 * 30_000_000 + 58 * 60_000_000
     assert not [r for r in caplog.records if "more than its reservation" in r.getMessage()]
     # Paused: another task of the same agent is refused too, until someone resumes it.
     other = sdk(proxy, max_retries=0, default_headers={"X-Intent-Id": "int_def456"})

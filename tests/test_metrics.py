@@ -43,8 +43,9 @@ async def test_counters_gauges_and_histograms(make_proxy: ProxyFactory, fake: An
     for _ in range(2):
         await alpha.chat.completions.create(model="gpt-4o", messages=HI)
     await beta.chat.completions.create(model="o3", messages=HI)
-    with pytest.raises(openai.RateLimitError):  # reserves 100,000 x $600/1M = $60 > $1
-        await alpha.chat.completions.create(model="o1-pro", messages=HI, max_tokens=100_000)
+    long = [{"role": "user", "content": "word " * 8000}]
+    with pytest.raises(openai.RateLimitError):  # its prompt alone: 8,000 x $150/1M = $1.2 > $1
+        await alpha.chat.completions.create(model="o1-pro", messages=long, max_tokens=100_000)
     await proxy.flushed()
     text = await scrape(proxy)
     m = samples(text)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from proxy.multipart import Form
 from proxy.usage import Usage
 
 JSONObj = dict[str, Any]
@@ -82,8 +83,9 @@ class RequestFacts:
     previous_response_id: str | None = None  # input the request does not show
     conversation: str | None = None
     end_user: str | None = None  # the end user the body names (user, metadata.user_id)
-    units: int = 1  # images asked for, characters to speak...
+    units: int = 1  # images asked for, characters to speak, seconds of audio (a bound)
     size: str | None = None  # images: size/quality, the key of a per-image price
+    input_images: int = 0  # images sent to be edited
 
 
 @dataclass(slots=True)
@@ -142,6 +144,9 @@ class ApiShape(Protocol):
     def request(self, ep: Endpoint, body: JSONObj) -> RequestFacts: ...
 
     def prompt(self, ep: Endpoint, body: JSONObj) -> Prompt: ...
+
+    def form_request(self, ep: Endpoint, form: Form) -> tuple[RequestFacts, Prompt]:
+        """A multipart request (image edits, transcriptions): its facts and prompt."""
 
     def set_cap(self, ep: Endpoint, body: JSONObj, tokens: int) -> JSONObj:
         """The body with its output capped at `tokens` (clamp)."""

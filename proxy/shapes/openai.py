@@ -4,6 +4,7 @@ audio, under `/v1/` (and Azure OpenAI's paths, `proxy.shapes.azure`, which reuse
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from functools import lru_cache
@@ -11,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from proxy.multipart import Form, audio_seconds
 from proxy.shapes.base import (
     BodyFacts,
     Endpoint,
@@ -119,6 +121,26 @@ def request_facts(ep: Endpoint, body: JSONObj) -> RequestFacts:
         text = body.get("input")
         facts.units = len(text) if isinstance(text, str) else 0
     return facts
+
+
+def form_request(ep: Endpoint, form: Form) -> tuple[RequestFacts, Prompt]:
+    """Image edits and transcriptions come as forms: their model, what is asked, and the
+    text and media that are input."""
+    fields = form.fields
+    facts = RequestFacts(model=fields.get("model") or None)
+    p = Prompt(texts=[fields["prompt"]] if fields.get("prompt") else [])
+    if ep.kind is Kind.IMAGES:
+        facts.units = int(fields["n"]) if fields.get("n", "").isdigit() else 1
+        facts.size = f"{fields.get('size') or '1024x1024'}/{fields.get('quality') or 'auto'}"
+        facts.input_images = sum(1 for f in form.files if f.name.startswith("image"))
+    else:
+        facts.units = sum(audio_seconds(f)[0] for f in form.files) or 1
+        facts.stream = fields.get("stream") == "true"
+    for key in ("safety_identifier", "user"):
+        if fields.get(key):
+            facts.end_user = fields[key]
+            break
+    return facts, p
 
 
 def prompt(body: JSONObj) -> Prompt:
@@ -259,12 +281,18 @@ def parse_usage(raw: Any) -> Usage:
     usage = Usage(source=PROVIDER)
     usage.input_tokens = count(raw, in_key) if in_key else 0
     usage.output_tokens = count(raw, out_key) if out_key else 0
-    in_details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details") or {}
+    in_details = (
+        raw.get("prompt_tokens_details")
+        or raw.get("input_tokens_details")
+        or raw.get("input_token_details")  # transcriptions
+        or {}
+    )
     out_details = raw.get("completion_tokens_details") or raw.get("output_tokens_details") or {}
     if isinstance(in_details, dict):
         usage.cached_input_tokens = count(in_details, "cached_tokens", "input details: ")
         usage.cache_write_tokens = count(in_details, "cache_creation_tokens", "input details: ")
         usage.image_input_tokens = count(in_details, "image_tokens", "input details: ")
+        usage.audio_input_tokens = count(in_details, "audio_tokens", "input details: ")
     if isinstance(out_details, dict):
         usage.reasoning_tokens = count(out_details, "reasoning_tokens", "output details: ")
     # Anthropic-style fields, as some OpenAI-compatible gateways pass them through (their
@@ -304,6 +332,14 @@ def facts_from_body(obj: Any) -> BodyFacts:
     if isinstance(obj.get("data"), list) and "created" in obj and "usage" not in obj:
         facts.units = len(obj["data"])  # images generated, priced per image
     raw = obj.get("usage")
+    if isinstance(raw, dict) and raw.get("type") == "duration":  # a transcription
+        seconds = raw.get("seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+            facts.units = math.ceil(seconds)
+        return facts
+    if raw is None and isinstance(obj.get("duration"), (int, float)) and obj["duration"] >= 0:
+        facts.units = math.ceil(obj["duration"])  # verbose_json
+        return facts
     if raw is not None:
         try:
             facts.usage = parse_usage(raw)
@@ -538,6 +574,9 @@ class OpenAIShape:
 
     def prompt(self, ep: Endpoint, body: JSONObj) -> Prompt:
         return prompt(body)
+
+    def form_request(self, ep: Endpoint, form: Form) -> tuple[RequestFacts, Prompt]:
+        return form_request(ep, form)
 
     def set_cap(self, ep: Endpoint, body: JSONObj, tokens: int) -> JSONObj:
         return set_cap(ep, body, tokens)

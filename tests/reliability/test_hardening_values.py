@@ -335,20 +335,24 @@ async def test_heartbeats_are_off_on_an_open_address_without_keys(make_proxy: Pr
 
 
 async def test_one_agent_cannot_spend_or_pause_anothers_intent(
-    make_proxy: ProxyFactory, db_url: str
+    make_proxy: ProxyFactory, fake: Any, db_url: str
 ) -> None:
+    upstream, _ = fake
+    upstream.script.update(prompt_tokens=9)  # as tiktoken counts "hi" in one message
     text = (
-        # Each call reserves $0.0001275 (its prompt and 5 output tokens at the priority
-        # price) and costs $0.00008: three fit in $0.0003, the fourth does not.
-        "budgets:\n  defaults: {max_cost_per_intent_usd: 0.0003, action_on_breach: pause}\n"
+        # Each call reserves $0.000075 (10 prompt tokens with the margin, 5 output tokens)
+        # and costs $0.0000725: three fit in $0.00028, a fourth only capped at 3 tokens
+        # ($0.0000525), a fifth not at all.
+        "budgets:\n  defaults: {max_cost_per_intent_usd: 0.00028, action_on_breach: pause}\n"
     )
     proxy = await make_proxy(db_url=db_url, admin_token=ADMIN,
                              policies=parse_config(yaml.safe_load(text)).policies)  # fmt: skip
     async with aiohttp.ClientSession() as s:
         # Agent A uses B's intent id until its own intent of that id is spent.
         statuses = [await _chat(s, proxy.url, **{"X-Agent-Id": "agent-a",
-                                                 "X-Intent-Id": "b-task"}) for _ in range(4)]  # fmt: skip
-        assert statuses[0] == 200 and statuses[-1] == 429
+                                                 "X-Intent-Id": "b-task"}) for _ in range(5)]  # fmt: skip
+        assert statuses == [200, 200, 200, 200, 429]
+        assert upstream.caps == [5, 5, 5, 3]
         # B's intent of that id is untouched, and B is not paused.
         assert (
             await _chat(s, proxy.url, **{"X-Agent-Id": "agent-b", "X-Intent-Id": "b-task"}) == 200
@@ -361,4 +365,4 @@ async def test_one_agent_cannot_spend_or_pause_anothers_intent(
             assert r.status == 409  # two agents' intents: say which
         async with s.get(proxy.url + "/meter/agents/agent-b/intents/b-task", headers=AUTH) as r:
             view = await r.json()
-        assert view["agent"] == "agent-b" and view["spent_usd"] == "0.00008"
+        assert view["agent"] == "agent-b" and view["spent_usd"] == "0.0000725"

@@ -1,0 +1,114 @@
+"""A stream metered as it flows: its reservation extended slice by slice, and the stream
+cut when the budget cannot pay for the next slice.
+
+Output is counted from the text of the events as they pass: a cheap upper bound (one
+token per byte of text) until the running cost nears the reservation, then tiktoken over
+what came since the last look. At 80% of the reservation the next slice is asked for,
+in the background, so the database round trip (shared budgets) is not on the way of the
+events; a stream only waits for it when it has used its whole reservation first. When a
+slice is refused and the reservation is used, the stream is cut: what was generated up
+to there (and billed) is what the client got.
+
+Reasoning tokens a stream does not show (OpenAI's o- and gpt-5 series, Gemini 2.5) cannot
+be counted this way: those streams are capped instead (`proxy.reservation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from proxy.counters import Ticket
+from proxy.enforcer import Enforcer, Refusal
+from proxy.tokens import TokenCounter
+
+EARLY = 0.8  # ask for the next slice at this share of the reservation
+
+
+class StreamBudget:
+    def __init__(
+        self,
+        enforcer: Enforcer,
+        ticket: Ticket,
+        tokens: TokenCounter,
+        model: str | None,
+        input_cost: int,
+        rate: int,
+        slice_tokens: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.enforcer = enforcer
+        self.ticket = ticket
+        self.tokens = tokens
+        self.model = model
+        self.input_cost = input_cost
+        self.rate = rate
+        self.slice_cost = slice_tokens * rate
+        self.clock = clock
+        self.counted = 0  # output tokens counted with tiktoken
+        self._pending: list[str] = []  # text since the last count
+        self._loose = 0  # its bytes: an upper bound of its tokens
+        self._extension: asyncio.Task[Refusal | None] | None = None
+        self.refusal: Refusal | None = None
+        self.extensions = 0
+
+    @property
+    def spent_bound(self) -> int:
+        """An upper bound of what the stream has cost so far."""
+        return self.input_cost + (self.counted + self._loose) * self.rate
+
+    async def after(self, texts: list[str]) -> Refusal | None:
+        """Account for newly generated text; a Refusal means: cut the stream now."""
+        if texts:
+            self._pending.extend(texts)
+            self._loose += sum(len(t.encode()) for t in texts)
+        if self.spent_bound < EARLY * self.ticket.amount:
+            return None
+        self._count()
+        if self.spent_bound >= EARLY * self.ticket.amount:
+            self._ask()
+        if self.spent_bound <= self.ticket.amount:
+            return None
+        while self.spent_bound > self.ticket.amount:  # the reservation is used up
+            if self._extension is None:
+                self._ask()
+            if self._extension is None:  # refused before
+                return self.refusal
+            await asyncio.shield(self._extension)
+        return None
+
+    def _count(self) -> None:
+        if self._pending:
+            # One more per count: a token split between two counts is counted twice at
+            # most, never missed.
+            self.counted += self.tokens.count(self.model, ["".join(self._pending)]) + 1
+            self._pending.clear()
+            self._loose = 0
+
+    def _ask(self) -> None:
+        if self._extension is not None or self.refusal is not None:
+            return
+        self._extension = asyncio.ensure_future(
+            self.enforcer.extend(self.ticket, self.slice_cost, self.clock())
+        )
+        self._extension.add_done_callback(self._extended)
+
+    def _extended(self, task: asyncio.Task[Refusal | None]) -> None:
+        self._extension = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:  # a budget that cannot be read cannot be extended
+            self.refusal = Refusal("budget_exceeded", f"the budget could not be extended ({error})")
+            return
+        refusal = task.result()
+        if refusal is None:
+            self.extensions += 1
+        else:
+            self.refusal = refusal
+
+    async def settled(self) -> None:
+        """Wait for a slice still being asked for: the call settles after it, never
+        before (a reservation granted after its call settled would never be released)."""
+        if self._extension is not None:
+            await asyncio.shield(self._extension)
