@@ -224,11 +224,16 @@ def plan_admission(
     digest: bytes | None = None,
     *,
     counting: bool = True,
+    free: bool = False,
 ) -> Admission:
     """The demands of one call: each limit's counter gets what the call adds (its cost
     reserved, or 1), capped at what the limit allows when the limit blocks or pauses.
-    `counting=False`: an extension of an admitted call, or a standing check."""
+    `counting=False`: an extension of an admitted call, or a standing check. `free`: a
+    call that cannot spend (listing models, retrieving a result): money limits do not
+    stop it, count limits and pauses do."""
     limits = plan_limits(plan, agent, intent, calendar, now, counting=counting)
+    if free:
+        limits = [lim for lim in limits if not lim.money]
     adds: dict[CounterKey, tuple[int, int, bool]] = {}
     caps: dict[CounterKey, int | None] = {}
     for lim in limits:

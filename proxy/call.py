@@ -265,8 +265,10 @@ class Call:
             assert self.route is not None
             source = raw_body if raw_body is not None else self.route.path.encode()
             digest = hashlib.blake2b(source, digest_size=16).digest()
+        assert self.route is not None
+        free = self.route.endpoint.kind is Kind.FREE
         admitted = await enforcer.admit(rec.agent, rec.intent, amount, svc.clock(), digest,
-                                        call_id=rec.id)  # fmt: skip
+                                        call_id=rec.id, free=free)  # fmt: skip
         if isinstance(admitted, Refusal):
             raise budget_fault(admitted)
         self.ticket = admitted

@@ -154,9 +154,10 @@ class Enforcer:
         now: float,
         digest: bytes | None = None,
         call_id: str | None = None,  # the call's ledger id: names a shared reservation
+        free: bool = False,  # it cannot spend: money limits do not stop it
     ) -> Ticket | Refusal:
         plan = self.plan(agent)
-        adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest)
+        adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest, free=free)
         if self.store.shared:
             if call_id is None:
                 # The row's commit releases the lease it names: any other name would hold

@@ -45,9 +45,11 @@ class StreamBudget:
         self.rate = rate
         self.slice_cost = slice_tokens * rate
         self.clock = clock
-        self.counted = 0  # output tokens counted with tiktoken
-        self._pending: list[str] = []  # text since the last count
-        self._loose = 0  # its bytes: an upper bound of its tokens
+        self.counted = 0  # output tokens of the slices before this one (tiktoken)
+        self._segment: list[str] = []  # text of this slice so far
+        self._segment_tokens = 0  # its tokens, as last counted
+        self._loose = 0  # bytes of text since that count: an upper bound of their tokens
+        self._step = 0  # the most tokens one read brought: what may still be in flight
         self._extension: asyncio.Task[Refusal | None] | None = None
         self.refusal: Refusal | None = None
         self.extensions = 0
@@ -55,16 +57,31 @@ class StreamBudget:
     @property
     def spent_bound(self) -> int:
         """An upper bound of what the stream has cost so far."""
-        return self.input_cost + (self.counted + self._loose) * self.rate
+        return self.input_cost + (self.counted + self._segment_tokens + self._loose) * self.rate
 
     async def after(self, texts: list[str]) -> Refusal | None:
         """Account for newly generated text; a Refusal means: cut the stream now."""
         if texts:
-            self._pending.extend(texts)
+            self._segment.extend(texts)
             self._loose += sum(len(t.encode()) for t in texts)
-        if self.spent_bound < EARLY * self.ticket.amount:
+        if self.refusal is None and self.spent_bound < EARLY * self.ticket.amount:
             return None
         self._count()
+        if self.refusal is not None:
+            # No more reservation came: stop while what is still on its way (a chunk or
+            # two the provider generated before it sees the cut) fits in what is left. But
+            # ask once more first: streams that ended meanwhile may have left room.
+            margin = 2 * self._step * self.rate
+            if self.spent_bound + margin <= self.ticket.amount:
+                return None
+            last = await self.enforcer.extend(self.ticket, self._next_slice(), self.clock())
+            if last is not None:
+                self.refusal = last
+                return last
+            self.extensions += 1
+            self._close_segment()
+            self.refusal = None
+            return None
         if self.spent_bound >= EARLY * self.ticket.amount:
             self._ask()
         if self.spent_bound <= self.ticket.amount:
@@ -78,18 +95,35 @@ class StreamBudget:
         return None
 
     def _count(self) -> None:
-        if self._pending:
-            # One more per count: a token split between two counts is counted twice at
-            # most, never missed.
-            self.counted += self.tokens.count(self.model, ["".join(self._pending)]) + 1
-            self._pending.clear()
+        """This slice's text counted whole, again: a word split between two reads is one
+        token, as the provider counts it (at most a few KB: one slice)."""
+        if self._loose:
+            before = self._segment_tokens
+            self._segment_tokens = self.tokens.count(self.model, ["".join(self._segment)])
+            self._step = max(self._step, self._segment_tokens - before)
             self._loose = 0
+
+    def _close_segment(self) -> None:
+        """A new slice: what came before is counted for good (one more for a token split
+        at the seam: counted twice at most, never missed)."""
+        self._count()
+        self.counted += self._segment_tokens + (1 if self._segment else 0)
+        self._segment.clear()
+        self._segment_tokens = 0
+
+    def _next_slice(self) -> int:
+        """A slice, or what the budget still has when that is less (the last slice)."""
+        ticket = self.ticket
+        headroom = self.enforcer.headroom(ticket.agent, ticket.intent, self.clock())
+        if headroom is not None and self.rate <= headroom < self.slice_cost:
+            return headroom
+        return self.slice_cost
 
     def _ask(self) -> None:
         if self._extension is not None or self.refusal is not None:
             return
         self._extension = asyncio.ensure_future(
-            self.enforcer.extend(self.ticket, self.slice_cost, self.clock())
+            self.enforcer.extend(self.ticket, self._next_slice(), self.clock())
         )
         self._extension.add_done_callback(self._extended)
 
@@ -104,6 +138,7 @@ class StreamBudget:
         refusal = task.result()
         if refusal is None:
             self.extensions += 1
+            self._close_segment()
         else:
             self.refusal = refusal
 

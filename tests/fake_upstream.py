@@ -8,8 +8,11 @@ Behaviour is set per test through `FakeUpstream.script` (defaults) or per reques
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import gzip
 import json
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,7 +44,22 @@ DEFAULTS: dict[str, Any] = {
     "compress": None,  # "gzip": compress the body whatever the client accepts
     "echo_instructions": False,  # Responses: echo the request's instructions, as OpenAI does
     "finish_reason": "stop",
+    "chunk_text": None,  # stream: each chunk's text (default "tok0 ", "tok1 "...)
+    # stream: one token per chunk, billed as sent: a stream cut mid-way bills what went out
+    "token_chunks": False,
+    "background_after": 0.0,  # background responses: seconds until they are finished
+    "image_tokens": 4160,  # gpt-image: output tokens per image (1024x1024 high)
+    "audio_tokens": 50,  # transcriptions: audio tokens in the usage
 }
+
+
+@dataclass
+class Bill:
+    """What the fake provider charged for one request: tokens it counted and generated."""
+
+    model: str | None
+    input: int
+    output: int
 
 
 @dataclass
@@ -66,6 +84,10 @@ class FakeUpstream:
     cancelled: int = 0  # requests whose client (the proxy) went away before the end
     after_final_sent: int = 0  # bytes written after a stream's final event
     caps: list[int | None] = field(default_factory=list)  # the output cap of each request
+    bills: list[Bill] = field(default_factory=list)
+    background: dict[str, tuple[dict[str, Any], dict[str, Any], float]] = field(
+        default_factory=dict
+    )
     # A test's own handler for what the script cannot say (it gets the request, read).
     handle_override: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
 
@@ -105,9 +127,20 @@ class FakeUpstream:
         path = request.path
         if request.method == "GET" and path.endswith("/models"):
             return web.json_response({"object": "list", "data": [{"id": "gpt-4o"}]})
-        if not path.endswith(("/completions", "/embeddings", "/responses")):
+        if request.method == "GET" and "/responses/" in path:
+            return self._retrieve(path.rsplit("/", 1)[-1])
+        if path.endswith("/batches"):
+            return web.json_response({"id": "batch_1", "object": "batch", "status": "validating"})
+        if path.endswith(("/audio/transcriptions", "/audio/translations", "/images/edits")):
+            return await self._form(request, path, s)
+        if path.endswith("/audio/speech"):
+            self.served += 1
+            return web.Response(body=b"ID3fake-audio", content_type="audio/mpeg")
+        if not path.endswith(("/completions", "/embeddings", "/responses", "/images/generations")):
             return web.json_response({"echo": path})
         req = json.loads(body) if body else {}
+        if path.endswith("/images/generations"):
+            return self._images(req, s)
         # A provider stops at the output cap it is given (the proxy's clamp relies on it).
         cap = next((req[k] for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
                     if isinstance(req.get(k), int)), None)  # fmt: skip
@@ -123,6 +156,8 @@ class FakeUpstream:
         if path.endswith("/responses"):
             if req.get("stream"):
                 return await self._stream(request, s, self._responses_events(req, s))
+            if req.get("background"):
+                return self._queue(req, s)
             return self._json(self._response_obj(req, s), s)
         if path.endswith("/completions"):
             legacy = not path.endswith("/chat/completions")
@@ -134,6 +169,15 @@ class FakeUpstream:
 
     def _json(self, obj: dict[str, Any], s: dict[str, Any] | None = None) -> web.Response:
         self.served += 1
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+
+            def tokens(*keys: str) -> int:
+                values = [usage.get(k) for k in keys]
+                return next((v for v in values if isinstance(v, int)), 0)
+
+            self.bills.append(Bill(obj.get("model"), tokens("prompt_tokens", "input_tokens"),
+                                   tokens("completion_tokens", "output_tokens")))  # fmt: skip
         if s is not None and s["compress"] == "gzip":
             body = gzip.compress(json.dumps(obj).encode())
             return web.Response(body=body, content_type="application/json",
@@ -226,6 +270,60 @@ class FakeUpstream:
             out["usage"] = usage
         return out
 
+    def _queue(self, req: dict[str, Any], s: dict[str, Any]) -> web.Response:
+        rid = f"resp_bg{len(self.background) + 1}"
+        self.background[rid] = (req, s, time.monotonic())
+        final = self._response_obj(req, s)
+        usage = final["usage"]
+        self.bills.append(Bill(req.get("model"), usage["input_tokens"], usage["output_tokens"]))
+        return web.json_response({"id": rid, "object": "response", "status": "queued",
+                                  "model": req.get("model"), "output": [], "usage": None})  # fmt: skip
+
+    def _retrieve(self, rid: str) -> web.Response:
+        if rid not in self.background:
+            return web.json_response({"error": {"message": "No such response"}}, status=404)
+        req, s, created = self.background[rid]
+        if time.monotonic() - created < s["background_after"]:
+            return web.json_response({"id": rid, "object": "response", "status": "in_progress",
+                                      "model": req.get("model"), "usage": None})  # fmt: skip
+        obj = self._response_obj(req, s)
+        obj["id"] = rid
+        return web.json_response(obj)
+
+    def _images(self, req: dict[str, Any], s: dict[str, Any]) -> web.Response:
+        n = req.get("n") or 1
+        self.served += 1
+        out: dict[str, Any] = {"created": 1, "data": [{"b64_json": "AAAA"}] * n}
+        if str(req.get("model", "")).startswith("gpt-image"):
+            p = s["prompt_tokens"]
+            out["usage"] = {"input_tokens": p, "input_tokens_details": {"text_tokens": p,
+                            "image_tokens": 0}, "output_tokens": s["image_tokens"] * n,
+                            "total_tokens": p + s["image_tokens"] * n}  # fmt: skip
+            self.bills.append(Bill(req.get("model"), p, s["image_tokens"] * n))
+        return web.json_response(out)
+
+    async def _form(self, request: web.Request, path: str, s: dict[str, Any]) -> web.Response:
+        self.served += 1
+        raw = await request.read()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + request.headers["Content-Type"].encode() + b"\r\n\r\n" + raw
+        )
+        fields = {
+            str(part.get_param("name", header="content-disposition")): part.get_content()
+            for part in message.iter_parts()
+            if part.get_filename() is None
+        }
+        model = fields.get("model", "")
+        if path.endswith("/images/edits"):
+            return self._images({"model": model, "n": int(fields.get("n", 1))}, s)
+        out: dict[str, Any] = {"text": "hello there"}
+        if "transcribe" in model:
+            out["usage"] = {"type": "tokens", "input_tokens": s["audio_tokens"],
+                            "input_token_details": {"text_tokens": 0,
+                                                    "audio_tokens": s["audio_tokens"]},
+                            "output_tokens": 3, "total_tokens": s["audio_tokens"] + 3}  # fmt: skip
+        return web.json_response(out)
+
     # -- streams ------------------------------------------------------------------------
 
     def _chat_events(self, req: dict[str, Any], s: dict[str, Any], legacy: bool) -> list[bytes]:
@@ -234,10 +332,11 @@ class FakeUpstream:
         kind = "text_completion" if legacy else "chat.completion.chunk"
         events = []
         for i in range(s["chunks"]):
+            text = s["chunk_text"] if s["chunk_text"] is not None else f"tok{i} "
             if legacy:
-                choice: dict[str, Any] = {"index": 0, "text": f"tok{i} ", "finish_reason": None}
+                choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": None}
             else:
-                choice = {"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}
+                choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
             chunk: dict[str, Any] = {"id": "c1", "object": kind, "created": 1, "model": model,
                                      "choices": [choice]}  # fmt: skip
             if include:
@@ -258,7 +357,8 @@ class FakeUpstream:
                                                       "model": model, "usage": None}},
         ]  # fmt: skip
         for i in range(s["chunks"]):
-            events.append({"type": "response.output_text.delta", "delta": f"tok{i} "})
+            text = s["chunk_text"] if s["chunk_text"] is not None else f"tok{i} "
+            events.append({"type": "response.output_text.delta", "delta": text})
         final = self._response_obj(req, s)
         events.append({"type": "response.completed", "response": final})
         return [
@@ -281,21 +381,33 @@ class FakeUpstream:
             await resp.write(squeeze.compress(data) + squeeze.flush(zlib.Z_SYNC_FLUSH)
                              if squeeze is not None else data)  # fmt: skip
 
-        for i, event in enumerate(events):
-            if s["cut_after"] is not None and i == s["cut_after"]:
-                assert request.transport is not None
-                # A reset makes the peer drop what it has not read yet: let it read first.
-                await asyncio.sleep(0.05)
-                request.transport.abort()
-                return resp
-            if s["stall_after"] is not None and i == s["stall_after"]:
-                await asyncio.sleep(3600)
-            if s["gate_after"] is not None and i == s["gate_after"]:
-                await self.gate.wait()
-            await write(event)
-            self.chunks_sent += 1
-            if s["chunk_delay"]:
-                await asyncio.sleep(s["chunk_delay"])
+        model = json.loads(await request.read() or b"{}").get("model")
+        generated = 0  # content chunks that went out
+        completed = False
+        try:
+            for i, event in enumerate(events):
+                if s["cut_after"] is not None and i == s["cut_after"]:
+                    assert request.transport is not None
+                    # A reset makes the peer drop what it has not read yet: let it read first.
+                    await asyncio.sleep(0.05)
+                    request.transport.abort()
+                    return resp
+                if s["stall_after"] is not None and i == s["stall_after"]:
+                    await asyncio.sleep(3600)
+                if s["gate_after"] is not None and i == s["gate_after"]:
+                    await self.gate.wait()
+                await write(event)
+                self.chunks_sent += 1
+                if b'"content":' in event or b"output_text.delta" in event:
+                    generated += 1
+                if s["chunk_delay"]:
+                    await asyncio.sleep(s["chunk_delay"])
+            completed = True
+        finally:
+            if s["token_chunks"]:  # billed as generated, cut or not
+                self.bills.append(Bill(model, s["prompt_tokens"], generated))
+            elif completed:
+                self.bills.append(Bill(model, s["prompt_tokens"], s["completion_tokens"]))
         self.served += 1
         piece = b": keep-alive padding " + b"x" * (64 * 1024 - 23) + b"\n\n"
         while self.after_final_sent < s["after_final"]:
