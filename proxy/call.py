@@ -23,7 +23,7 @@ from aiohttp import ClientResponse, web
 
 from proxy import intake, relay
 from proxy.attribution import UNAUTHENTICATED, identify
-from proxy.background import Pending
+from proxy.background import Pending, completion_id
 from proxy.config import Upstream
 from proxy.counters import Ticket
 from proxy.enforcer import Refusal
@@ -401,7 +401,7 @@ class Call:
 
     # -- what the answer says ------------------------------------------------------------
 
-    def absorb(self, facts: BodyFacts) -> bool:
+    async def absorb(self, facts: BodyFacts) -> bool:
         """Learn from a successful answer: the response's id, how long answers run, how
         long a chain is now. False when the usage is yet to come (a background response
         queued): the reservation stays until it finishes."""
@@ -409,7 +409,7 @@ class Call:
         rec.response_id = facts.response_id or rec.response_id
         usage = facts.usage
         if self.facts.background and facts.status in ("queued", "in_progress") and usage is None:
-            self._await_background(facts)
+            await self._await_background(facts)
             return False
         if usage is not None and usage.source == PROVIDER and self.price is not None:
             svc.history.record(
@@ -422,7 +422,7 @@ class Call:
                 svc.chains.record(f"conversation:{self.facts.conversation}", context)
         return True
 
-    def _await_background(self, facts: BodyFacts) -> None:
+    async def _await_background(self, facts: BodyFacts) -> None:
         rec = self.record
         rec.usage_source, rec.cost_pico = PENDING, 0
         assert self.route is not None and self.upstream is not None
@@ -436,6 +436,9 @@ class Call:
         self.svc.background.add(pending)
         if self.ticket is not None:
             rec.reserved_pico = self.ticket.amount
+            # This row's commit releases the reservation it names (shared budgets): the
+            # completion row's id takes it over.
+            await self.svc.enforcer.transfer(self.ticket, completion_id(facts.response_id))
         self.ticket = None  # the background book settles it
 
     async def observed(self, facts: BodyFacts) -> None:

@@ -57,6 +57,9 @@ class CounterStore(Protocol):
     async def release(self, ticket: Ticket) -> None:
         """Give back a reservation nothing was spent on (a call refused after admission)."""
 
+    async def transfer(self, ticket: Ticket, lease: str) -> None:
+        """Keep a reservation under another name, past its own row's commit."""
+
     def settle(self, ticket: Ticket, cost: int) -> None:
         """The call's cost in place of its reservation, in the local view. (Shared: the
         ledger row does it in the database.)"""
@@ -256,6 +259,9 @@ class MemoryCounters:
 
     async def release(self, ticket: Ticket) -> None:
         self.settle(ticket, 0)
+
+    async def transfer(self, ticket: Ticket, lease: str) -> None:
+        """Nothing to do in memory: no row releases a reservation here."""
 
     def settle(self, ticket: Ticket, cost: int) -> None:
         for key in ticket.keys:

@@ -258,6 +258,14 @@ class Enforcer:
         return Refusal(check.limit, refusal_message(check, self.calendar, now), check,
                        retry_after(check, now))  # fmt: skip
 
+    async def transfer(self, ticket: Ticket, lease: str) -> None:
+        """Hold an admitted call's reservation under another name (a background response's
+        completion row), past the commit of the row that named it."""
+        try:
+            await self.store.transfer(ticket, lease)
+        except StorageUnavailable as e:
+            log.error("budgets: could not keep a background response's reservation (%s)", e)
+
     # -- the database away (shared budgets) ----------------------------------------------
 
     def _offline(self, plan: Plan, adm: Admission, error: Exception | None) -> Ticket | Refusal:

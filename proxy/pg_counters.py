@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterable, Sequence
 
 from proxy.admission import Admission, Outcome, spend_keys
@@ -108,6 +109,16 @@ class PgCounters:
             self._paused[agent] = reason
         else:
             self._paused.pop(agent, None)
+
+    async def transfer(self, ticket: Ticket, lease: str) -> None:
+        """The same amount on the same counters under a new lease, before the old one's row
+        commits and releases it: reserved for a moment twice, never not at all."""
+        if ticket.lease is None or not ticket.amount:
+            return
+        changes = [CounterChange(k, 0, ticket.amount, None) for k in ticket.keys]
+        await self.db.admit_counters(self.replica, ticket.agent, changes, None,
+                                     (lease, ticket.amount), None, time.time())  # fmt: skip
+        ticket.lease = lease
 
     async def release(self, ticket: Ticket) -> None:
         if ticket.lease is not None:

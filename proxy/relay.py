@@ -68,7 +68,7 @@ async def meter_json(call: Call, response: ClientResponse, data: bytes) -> None:
     obj = _loads(body) if body else None
     facts = shape.body_facts(ep, obj)
     rec.model_served = facts.model
-    if not call.absorb(facts):
+    if not await call.absorb(facts):
         return  # a background response: billed when it finishes
     if ep.kind is Kind.SPEECH:  # audio bytes back: the characters sent are the measure
         rec.usage_source = REQUEST
@@ -197,9 +197,9 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
         call.price_usage(None)
     elif facts.usage is None:
         rec.error = facts.usage_error
-        call.absorb(facts)
+        await call.absorb(facts)
         call.price_usage(await call.estimate(meter.generated_texts(), meter.overflow_chars))
-    elif call.absorb(facts):
+    elif await call.absorb(facts):
         call.price_usage(facts.usage)
     if facts.usage is not None and ep.name == "responses/retrieve":
         await call.observed(facts)
