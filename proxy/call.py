@@ -144,6 +144,8 @@ class Call:
             raw_body = await self._read_request()
         self.upstream = upstream = self._upstream()
         rec.upstream, rec.provider = upstream.name, upstream.provider
+        if self.metered:
+            self._resolve_price()
         await self._admit(raw_body)
         strip_usage = False
         if self.body is not None:
@@ -174,13 +176,34 @@ class Call:
             model = intake.model_of(self.facts.model, r.endpoint.model)
         rec.model_requested = model
         rec.stream = self.facts.stream or r.endpoint.stream
-        self.price = self.svc.prices.resolve(model)
+        return raw
+
+    def _resolve_price(self) -> None:
+        """The price of the model asked for: an Azure deployment as the model the
+        upstream's `deployments:` names for it, else as a model of its own name."""
+        assert self.upstream is not None
+        rec = self.record
+        model = rec.model_requested
+        if model is None:
+            return
+        mapped = self.upstream.deployment_model(model) if self.upstream.deployments else None
+        self.price = self.svc.prices.resolve(mapped or model)
         rec.price_version = self.svc.prices.version
         if self.price is None:
             self._unknown_model(model)
         else:
             rec.model_priced = self.price.name
-        return raw
+
+    def reprice(self, served: str | None) -> None:
+        """A model the proxy could not price by what was asked (an Azure deployment with
+        no map): priced by the model the response names, when the table has it."""
+        if self.price is not None or served is None or not self.metered:
+            return
+        self.price = self.svc.prices.resolve(served)
+        if self.price is not None:
+            self.record.model_priced = self.price.name
+            if self.record.cost_pico is None:
+                self.record.cost_pico = 0
 
     def _identify(self) -> None:
         svc, request, rec = self.svc, self.request, self.record

@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="spend from the ledger")
     common(p)
-    p.add_argument("--by", choices=("agent", "intent", "model", "upstream"), default="agent")
+    p.add_argument("--by", default="agent",
+                   help="agent, intent, model, upstream, provider, user, or tag:KEY")  # fmt: skip
     p.add_argument("--window", choices=("hour", "day", "week", "month"))
     p.add_argument("--since", help="2026-11-01, 2026-11-01T09:00, 7d, 24h ...")
     p.add_argument("--until")

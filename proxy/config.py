@@ -25,7 +25,7 @@ from proxy.schema import MISSING, FieldError, Section, yaml_line
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 PROVIDERS = ("openai", "anthropic", "azure", "gemini")
 # Providers whose tokenizers count more than tiktoken on ordinary text (README, Providers).
-DEFAULT_MARGINS = {"anthropic": 0.4, "gemini": 0.2}
+DEFAULT_MARGINS = {"anthropic": 0.5, "gemini": 0.25}
 # Where a provider's calls go when no upstream of that provider is configured (and no
 # proxy keys are: then every upstream must carry its own key). Azure has no default: its
 # endpoint is per resource.

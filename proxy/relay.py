@@ -68,6 +68,7 @@ async def meter_json(call: Call, response: ClientResponse, data: bytes) -> None:
     obj = _loads(body) if body else None
     facts = shape.body_facts(ep, obj)
     rec.model_served = facts.model
+    call.reprice(facts.model)
     if not await call.absorb(facts):
         return  # a background response: billed when it finishes
     if ep.kind is Kind.SPEECH:  # audio bytes back: the characters sent are the measure
@@ -190,6 +191,7 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
         await budget.settled()
     rec.status = response.status
     rec.model_served = meter.model
+    call.reprice(meter.model)
     facts = meter.facts
     facts.response_id = facts.response_id or getattr(meter.reader, "response_id", None)
     if not 200 <= response.status < 300:

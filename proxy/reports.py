@@ -17,7 +17,7 @@ from typing import Any
 
 from proxy.money import usd_exact, usd_fixed
 from proxy.storage import AggRow, Storage, Totals
-from proxy.storage.base import BUCKET_SECONDS, GROUPS, Grouping
+from proxy.storage.base import BUCKET_SECONDS, CALL_GROUPS, GROUPS, Grouping
 from proxy.windows import Calendar
 
 WINDOWS = ("hour", "day", "week", "month")
@@ -201,21 +201,27 @@ async def spend_report(
     until: float | None = None,
     agent: str | None = None,
 ) -> Report:
-    if by not in GROUPS:
-        raise ReportError("by", f"by={by!r}: must be one of {', '.join(GROUPS)}")
+    group, _, tag = by.partition(":")
+    if group not in GROUPS or (group == "tag") != bool(tag):
+        raise ReportError(
+            "by", f"by={by!r}: must be one of {', '.join(g for g in GROUPS if g != 'tag')},"
+            " or tag:KEY (the values of one tag, e.g. tag:team)",
+        )  # fmt: skip
     if window is not None and window not in WINDOWS:
         raise ReportError("window", f"window={window!r}: must be one of {', '.join(WINDOWS)}")
     if since is not None and until is not None and until <= since:
         raise ReportError("until", "until must be later than since")
-    source = "calls" if by == "intent" else "rollups"
+    source = "calls" if group in CALL_GROUPS else "rollups"
     await storage.sync_rollups()
     span = await storage.time_span(source)
     rows: dict[tuple[str, float | None], ReportRow] = {}
     if span is not None:
         lo = max(since, span[0]) if since is not None else span[0]
         hi = min(until, span[1] + 1) if until is not None else span[1] + 1
-        for kind, a, b in _pieces(by, lo, hi):
-            await _collect(storage, calendar, kind, a, b, by, window, agent, rows)
+        for kind, a, b in _pieces(group, lo, hi):
+            await _collect(storage, calendar, kind, a, b, group, window, agent, rows)
+    if tag:
+        rows = _by_tag(rows, tag)
     ordered = sorted(rows.values(), key=lambda r: (r.window_start or 0, -r.totals.cost_pico, r.key))
     total = Totals()
     for row in ordered:
@@ -223,11 +229,24 @@ async def spend_report(
     return Report(by, window, since, until, calendar, ordered, total)
 
 
+def _by_tag(
+    rows: dict[tuple[str, float | None], ReportRow], key: str
+) -> dict[tuple[str, float | None], ReportRow]:
+    """Rows of tag sets (`env=prod,team=search`) as rows of one tag's values: a call has
+    one value of a tag at most, so the rows still add up to the total."""
+    out: dict[tuple[str, float | None], ReportRow] = {}
+    for (tags, start), row in rows.items():
+        value = dict(t.split("=", 1) for t in tags.split(",") if "=" in t).get(key, "")
+        _merge(out, value, start, row.totals)
+    return out
+
+
 def _pieces(by: str, lo: float, hi: float) -> list[tuple[str, float, float]]:
-    """Whole buckets from the rollups; ragged edges (and intents) from call rows."""
+    """Whole buckets from the rollups; ragged edges (and dimensions the rollups do not
+    keep) from call rows."""
     if hi <= lo:
         return []
-    if by == "intent":
+    if by in CALL_GROUPS:
         return [("calls", lo, hi)]
     a = -(-int(lo) // BUCKET_SECONDS) * BUCKET_SECONDS
     b = int(hi) // BUCKET_SECONDS * BUCKET_SECONDS

@@ -21,7 +21,9 @@ from proxy.storage.migrations import MIGRATIONS
 from proxy.storage.rollups import CALL_SUMS, KEY_EXPRESSIONS, ROLLUPS, SUMS
 
 BUCKET_SECONDS = 900
-GROUPS = ("agent", "intent", "model", "upstream")
+GROUPS = ("agent", "intent", "model", "upstream", "provider", "user", "tag")
+# Report dimensions the rollups do not keep: read from call rows (within retention).
+CALL_GROUPS = frozenset({"intent", "provider", "user", "tag"})
 
 
 class StorageError(Exception):

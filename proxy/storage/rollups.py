@@ -60,6 +60,9 @@ KEY_EXPRESSIONS = {
     "intent": "COALESCE(intent, '')",
     "model": "COALESCE(model_requested, model_served, '')",
     "upstream": "COALESCE(upstream, '')",
+    "provider": "COALESCE(provider, '')",
+    "user": "COALESCE(end_user, '')",
+    "tag": "COALESCE(tags, '')",  # split into one key's values by the report layer
 }
 INTENT_SUMS = (
     "requests",
