@@ -6,6 +6,7 @@ time; without a token in the config the admin API is off and says so.
 
 from __future__ import annotations
 
+import difflib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -156,6 +157,22 @@ async def delete_policy(request: web.Request, svc: Services) -> web.StreamRespon
     return json_response(status(svc.enforcer, agent, svc.clock()))
 
 
+async def _known_or_refuse(svc: Services, agent: str) -> None:
+    """A pause for an agent that never called and has no policy is most likely a typo:
+    refused unless forced (an agent can be paused before its first call that way)."""
+    known = known_agents(svc.enforcer)
+    if agent in known or await svc.storage.agent_seen(agent):
+        return
+    names = sorted(set(known) | set(await svc.storage.all_agents()))
+    close = difflib.get_close_matches(agent, names, n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
+    raise ProxyFault(
+        404, "unknown_agent",
+        f"meterproxy: agent '{agent}' has never called and has no policy{hint} To pause it"
+        " anyway (before its first call), send {\"force\": true} (meterproxy pause --force)",
+    )  # fmt: skip
+
+
 @admin
 async def pause_agent(request: web.Request, svc: Services) -> web.StreamResponse:
     agent = _agent(request)
@@ -165,6 +182,12 @@ async def pause_agent(request: web.Request, svc: Services) -> web.StreamResponse
         raise ProxyFault(
             400, "invalid_reason", "meterproxy: 'reason' must be a string", param="reason"
         )
+    force = data.get("force", False) if isinstance(data, dict) else False
+    if not isinstance(force, bool):
+        raise ProxyFault(400, "invalid_force", "meterproxy: 'force' must be true or false",
+                         param="force")  # fmt: skip
+    if not force:
+        await _known_or_refuse(svc, agent)
     now = svc.clock()
     await svc.enforcer.pause(agent, reason or "paused through the admin API", now)
     log.warning("admin: agent '%s' paused (%s)", agent, reason or "no reason given")

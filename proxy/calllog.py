@@ -19,6 +19,12 @@ log = logging.getLogger("meterproxy.calls")
 CallSink = Callable[[CallRecord, int | None], None]
 
 
+def call_level(record: CallRecord) -> int:
+    """WARNING for what an operator filters on (a refusal, an upstream 5xx, an upstream the
+    proxy could not reach: 502/504), INFO for the rest."""
+    return logging.WARNING if record.refused or record.status >= 500 else logging.INFO
+
+
 def call_line(record: CallRecord, spent_today: int | None) -> str:
     cost = "unpriced" if record.cost_pico is None else f"${usd_fixed(record.cost_pico)}"
     today = f"${usd_fixed(spent_today)}" if spent_today is not None else "-"
@@ -61,5 +67,7 @@ def call_fields(record: CallRecord, spent_today: int | None) -> dict[str, Any]:
 
 
 def log_call(record: CallRecord, spent_today: int | None) -> None:
-    if log.isEnabledFor(logging.INFO):
-        log.info(call_line(record, spent_today), extra={"call": record, "spent_today": spent_today})
+    level = call_level(record)
+    if log.isEnabledFor(level):
+        log.log(level, call_line(record, spent_today),
+                extra={"call": record, "spent_today": spent_today})  # fmt: skip

@@ -4,165 +4,95 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import gc
 import json
-import logging
-import os
-import signal
+import re
 import sys
-import time
-import urllib.error
-import urllib.request
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from proxy import __version__
-from proxy.config import Config, ConfigError, load_config
-from proxy.hosts import is_loopback_host
+from proxy.config import Config, ConfigError, Upstream
+from proxy.config_file import (
+    CONFIG_ENV,
+    CONFIG_NAME,
+    find_config,
+    ledger_path,
+    load_config,
+    preflight,
+    resolve_ledger,
+)
 from proxy.pricing import PricingError, load_price_table
-from proxy.redact import redact_url
 from proxy.storage import StorageError
 
-log = logging.getLogger("meterproxy")
 EXIT_CONFIG = 2
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
-    print(f"meterproxy: {message}", file=sys.stderr)
+    for line in message.splitlines() or [""]:
+        print(f"meterproxy: {line}", file=sys.stderr)
     return code
 
 
-def _config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+def _config(args: argparse.Namespace, *, every_error: bool = False) -> Config:
+    """The config in force: the file found (--config, $METERPROXY_CONFIG, ./meterproxy.yaml)
+    with the command line's overrides. Paths given on the command line are relative to
+    the current directory; those in the file, to the file."""
+    path, found_by = find_config(getattr(args, "config", None))
+    config = load_config(path, every_error=every_error, found_by=found_by)
     overrides: dict[str, Any] = {}
-    for name, field in (("host", "host"), ("port", "port"), ("db", "db_url")):
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[field] = value
+    for name in ("host", "port"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if getattr(args, "db", None):
+        overrides["db_url"] = resolve_ledger(args.db, Path.cwd())
     if getattr(args, "pricing", None):
-        overrides["pricing_path"] = Path(args.pricing)
+        overrides["pricing_path"] = Path(args.pricing).resolve()
     if getattr(args, "log_format", None):
         overrides["log_format"] = args.log_format
+    if getattr(args, "upstream", None):
+        overrides["upstreams"] = _with_upstream(config, args.upstream)
     return config.with_overrides(**overrides)
 
 
-# -- serve ------------------------------------------------------------------------------
+def _with_upstream(config: Config, url: str) -> tuple[Upstream, ...]:
+    """--upstream URL: the default upstream's base URL replaced (its key kept)."""
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(f"--upstream: bad value {url!r}: must be an http:// or https:// URL")
+    default = config.default_upstream
+    return tuple(
+        Upstream(u.name, url.rstrip("/"), u.api_key, u.models, True, u.inject_usage,
+                 u.provider, u.deployments, u.default_service_tier)
+        if u is default else u
+        for u in config.upstreams
+    )  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _config(args)
-    if args.workers < 1:
-        return _fail(f"--workers must be at least 1, got {args.workers}")
-    if args.workers > 1 and not config.db_url.startswith(("postgresql://", "postgres://")):
-        return _fail(
-            f"--workers {args.workers} needs PostgreSQL (storage.url or --db postgresql://...):"
-            f" with SQLite ({redact_url(config.db_url)}) budgets live in one process, and"
-            " several workers would each enforce their own"
-        )
-    if args.workers > 1 and config.port == 0:
-        return _fail("--workers needs a fixed port (server.port or --port), not 0")
-    from proxy.logs import setup_logging
-    from proxy.workers import supervise, worker_number
+    from proxy.cli_serve import serve
 
-    handler = setup_logging(config.log_format, config.log_file, config.log_level)
-    if args.workers > 1 and worker_number() is None:
-        return supervise(args.workers, args.argv)
-    if not is_loopback_host(config.host) and not config.keys and config.admin_token is None:
-        log.warning(
-            "listening on %s without proxy keys or an admin token: anyone who can reach this"
-            " port can spend through it",
-            config.host,
-        )
-    loop_factory = None
-    if config.event_loop != "asyncio":
-        try:
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            if config.event_loop == "uvloop":
-                return _fail("server.event_loop is uvloop, but uvloop is not installed")
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_serve(config, args, handler))
-    except (PricingError, StorageError, ConfigError) as e:
-        return _fail(str(e))
-    except OSError as e:
-        return _fail(f"cannot listen on {config.host}:{config.port}: {e.strerror}")
+    return serve(_config(args), args, lambda: _config(args))
 
 
-async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
-    from aiohttp import web
+def cmd_init(args: argparse.Namespace) -> int:
+    from proxy.init_config import guess_provider, new_admin_token, render_config
 
-    from proxy.app import RELOADER, Options, create_app, runner_options
-    from proxy.services import SERVICES
-    from proxy.workers import worker_number
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()  # first SIGTERM/SIGINT: drain, then exit
-    force = asyncio.Event()  # second one: cancel what is left now
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: force.set() if stop.is_set() else stop.set())
-
-    app = create_app(config, Options(reparse=lambda: _config(args), call_sink=handler.call_sink()))
-    runner = web.AppRunner(app, handle_signals=False, **runner_options(config))  # type: ignore[arg-type]
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=args.workers > 1 or None)
-    await site.start()
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: asyncio.ensure_future(app[RELOADER].check(force=True))
-    )
-    flusher = asyncio.create_task(handler.flush_periodically())
-    # What startup built (price table, tokenizer, modules) lives as long as the process:
-    # out of the collector's way. A call's garbage is freed by reference counting; the
-    # cycle collector need not wake every 700 allocations, several times per call.
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-    svc = app[SERVICES]
-    host, port = runner.addresses[0][:2]
-    worker = worker_number()
-    log.info(
-        "meterproxy %s%s listening on http://%s:%d (upstream %s, pricing %s, ledger %s)",
-        __version__,
-        f" worker {worker}/{args.workers} (pid {os.getpid()})" if worker else "",
-        host,
-        port,
-        config.default_upstream.base_url,
-        svc.prices.version,
-        redact_url(config.db_url),
-    )
-    await stop.wait()
-
-    # Stop accepting; close idle keep-alive connections; let calls in flight finish.
-    await site.stop()
-    if runner.server is not None:
-        runner.server.pre_shutdown()
-    grace = config.shutdown_grace_seconds
-    log.info("stopping: waiting up to %gs for %d calls in flight", grace, len(svc.inflight))
-    deadline = loop.time() + grace
-    svc.stop_deadline = time.monotonic() + grace
-    while svc.inflight and not force.is_set() and loop.time() < deadline:
-        forced = asyncio.ensure_future(force.wait())
-        await asyncio.wait(
-            [*svc.inflight, forced],
-            timeout=deadline - loop.time(),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        forced.cancel()
-    if svc.inflight:
-        why = "second signal" if force.is_set() else f"grace of {grace:g}s over"
-        log.warning("%s: cancelling %d calls in flight (they are recorded)", why, len(svc.inflight))
-        svc.shutting_down = True
-        pending = list(svc.inflight)
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=5)
-    await runner.cleanup()  # the ledger writer flushes here
-    flusher.cancel()
-    log.info("stopped")
-    handler.flush()
+    target = Path(args.output or CONFIG_NAME)
+    if target.exists() and not args.force:
+        return _fail(f"{target} exists; pass --force to overwrite it")
+    if not re.match(r"^https?://[^/\s]+", args.upstream):
+        return _fail(f"--upstream: bad value {args.upstream!r}: must be an http(s):// URL")
+    provider = args.provider or guess_provider(args.upstream)
+    text = render_config(args.upstream, provider, new_admin_token(), args.port)
+    target.write_text(text, encoding="utf-8")
+    target.chmod(0o600)  # it holds the admin token
+    config = load_config(target, every_error=True)  # what init writes must pass check
+    problems = preflight(config)
+    if problems:
+        return _fail("\n".join(problems))
+    where = "" if target.resolve().parent == Path.cwd().resolve() else f" --config {target}"
+    print(f"wrote {target} (upstream {args.upstream}, provider {provider}, admin token inside)")
+    print(f"next: meterproxy serve{where}")
     return 0
 
 
@@ -170,20 +100,39 @@ async def _serve(config: Config, args: argparse.Namespace, handler: Any) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _config(args)
+    """The same validation as `serve`, all of it, and every error found, not the first."""
+    problems: list[str] = []
+    try:
+        config = _config(args, every_error=True)
+    except ConfigError as e:
+        problems += e.lines
+        if e.partial is None:  # unreadable, or not YAML: nothing more to check
+            return _fail("\n".join(problems))
+        config = e.partial
+    problems += preflight(config)
+    if problems:
+        return _fail("\n".join(problems))
     table = load_price_table(config.pricing_path)
-    where = args.config or "(no config file: defaults)"
+    where = f"{config.path} (from {config.found_by})" if config.path else (
+        f"none (defaults; looked for --config, ${CONFIG_ENV}, ./{CONFIG_NAME})")  # fmt: skip
     print(
         f"config {where}: OK; {len(config.upstreams)} upstream(s),"
         f" {len(config.policies.agents)} agent policies;"
         f" pricing {config.pricing_path}: OK, version {table.version},"
-        f" {len(table.models)} models, {len(table.aliases)} aliases"
+        f" {len(table.models)} models, {len(table.aliases)} aliases;"
+        f" ledger {ledger_path(config.db_url) or config.db_url.split('@')[-1]}"
     )
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     config = _config(args)
+    ledger = ledger_path(config.db_url)
+    if ledger is not None and not ledger.is_file():
+        # Reading must never create a ledger: an empty new one would print a $0 report.
+        where = f"config {config.path}" if config.path else "no config file"
+        return _fail(f"no ledger at {ledger} ({where}; set storage.url, pass --db, or"
+                     f" --config / ${CONFIG_ENV} to the proxy's config)")  # fmt: skip
     return asyncio.run(_report(config, args))
 
 
@@ -274,58 +223,25 @@ def cmd_pricing_import(args: argparse.Namespace) -> int:
 # -- agents, pause, resume: through the running proxy's admin API -----------------------
 
 
-def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    config = _config(args)
-    token = args.token or os.environ.get("METERPROXY_ADMIN_TOKEN") or config.admin_token
-    if not token:
-        raise ConfigError("no admin token: pass --token, set METERPROXY_ADMIN_TOKEN or admin.token")
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-    base = args.url or f"http://{host}:{config.port}"
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(
-        base.rstrip("/") + path, data=data, method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            detail = json.loads(detail)["error"]["message"]
-        raise ConfigError(f"{method} {path}: HTTP {e.code}: {detail}") from None
-    except urllib.error.URLError as e:
-        raise ConfigError(f"cannot reach the proxy at {base}: {e.reason}") from None
-
-
-def _print_agent(status: dict[str, Any]) -> None:
-    day = status["windows"]["day"]
-    limits = ", ".join(
-        f"{lim['limit']}={lim.get('limit_usd', lim.get('max'))}"
-        f" (left {lim.get('remaining_usd', lim.get('remaining'))})"
-        for lim in status["limits"]
-    )
-    print(
-        f"{status['agent']:<30} {status['state']:<7} today ${day['spent_usd']}"
-        f" (+${day['reserved_usd']} reserved)  {limits or 'no limits'}"
-    )
-
-
 def cmd_agents(args: argparse.Namespace) -> int:
-    for status in _admin_call(args, "GET", "/meter/agents")["agents"]:
-        _print_agent(status)
+    from proxy.cli_admin import agents
+
+    for line in agents(_config(args), args):
+        print(line)
     return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    _print_agent(
-        _admin_call(args, "POST", f"/meter/agents/{args.agent}/pause", {"reason": args.reason})
-    )
+    from proxy.cli_admin import pause
+
+    print(pause(_config(args), args))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    _print_agent(_admin_call(args, "POST", f"/meter/agents/{args.agent}/resume", {}))
+    from proxy.cli_admin import resume
+
+    print(resume(_config(args), args))
     return 0
 
 
@@ -342,14 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", help="config file (YAML); default: built-in defaults")
-        p.add_argument("--pricing", help="price table (default: the bundled pricing.yaml)")
+        p.add_argument("--config", "-c", help=f"config file (YAML); default: ${CONFIG_ENV},"
+                       f" else ./{CONFIG_NAME}, else built-in defaults")  # fmt: skip
+        p.add_argument("--pricing", help="price table (default: pricing.yaml beside the config"
+                       " file, else the bundled one)")  # fmt: skip
         p.add_argument("--db", help="ledger: a path, sqlite:///path or postgresql://...")
+
+    p = sub.add_parser("init", help="write a commented meterproxy.yaml for an upstream")
+    p.add_argument("--upstream", required=True, help="the provider or gateway to forward to")
+    p.add_argument("--provider", choices=("openai", "anthropic", "azure", "gemini"),
+                   help="the API it speaks (default: guessed from the URL)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--output", "-o", help=f"where to write (default ./{CONFIG_NAME})")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("serve", help="run the proxy")
     common(p)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--upstream", help="forward to this URL (the default upstream's base_url)")
     p.add_argument("--log-format", choices=("text", "json"))
     p.add_argument("--workers", type=int, default=1, help="processes on one port (PostgreSQL)")
     p.set_defaults(func=cmd_serve)
@@ -402,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("agent")
         if name == "pause":
             p.add_argument("--reason")
+            p.add_argument("--force", action="store_true",
+                           help="pause an agent that never called and has no policy")  # fmt: skip
         p.set_defaults(func=func)
     return parser
 

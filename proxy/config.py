@@ -7,20 +7,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
-from proxy.bounds import MAX_HEARTBEAT_USD, MAX_TOKENS
 from proxy.hosts import is_loopback_host
-from proxy.ids import IdError, validate_id
-from proxy.money import usd_to_pico
-from proxy.policy import PolicySet, parse_policies
+from proxy.policy import PolicySet
 from proxy.pricing import bundled_pricing_path
-from proxy.schema import MISSING, FieldError, Section, yaml_line
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 PROVIDERS = ("openai", "anthropic", "azure", "gemini")
@@ -50,7 +42,13 @@ TOP_KEYS = (
 
 
 class ConfigError(Exception):
-    """A config file that cannot be used; `str()` is one line: file, key, value, reason."""
+    """A config file that cannot be used; each line of `str()` names the file (and line),
+    the key, the bad value and the reason. `check` reports every one it finds."""
+
+    def __init__(self, *lines: str) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+        self.partial: Config | None = None  # what could be read, defaults for the rest
 
 
 def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
@@ -105,6 +103,7 @@ class AlertsConfig:
 @dataclass(frozen=True)
 class Config:
     path: Path | None = None
+    found_by: str | None = None  # how the file was found: --config, $METERPROXY_CONFIG, ...
     host: str = "127.0.0.1"
     port: int = 8787
     max_body_bytes: int = 32 * 1024 * 1024
@@ -140,6 +139,12 @@ class Config:
     agent_header: str = "X-Agent-Id"
     intent_header: str = "X-Intent-Id"
     default_agent: str = "anonymous"
+    # The agent's own customer: from this header, else (user_from_body) from the body's
+    # `user` / `safety_identifier` (OpenAI) or `metadata.user_id` (Anthropic).
+    user_header: str = "X-Meter-User"
+    user_from_body: bool = True
+    hash_users: bool = False  # store a keyed digest of the end user, never the id itself
+    tags_header: str = "X-Meter-Tags"  # free-form key=value tags: "team=search,env=prod"
     keys: dict[str, str] = field(default_factory=dict)  # proxy key -> agent
     admin_token: str | None = None
     metrics_need_token: bool = False  # /metrics behind the admin token too
@@ -210,286 +215,3 @@ class Config:
 
     def with_overrides(self, **changes: Any) -> Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-def _upstreams(top: Section) -> tuple[Upstream, ...]:
-    items = top.sequence("upstreams")
-    if not items:
-        return Config.upstreams
-    upstreams = []
-    names: set[str] = set()
-    for i, item in enumerate(items):
-        s = top.item("upstreams", i, item)
-        s.check_unknown(("name", "base_url", "api_key", "models", "default", "inject_usage",
-                         "provider", "deployments", "default_service_tier"))  # fmt: skip
-        name = s.string("name")
-        if name in names:
-            s.fail("name", "is used by another upstream")
-        names.add(name)
-        base_url = s.string("base_url").rstrip("/")
-        if not re.match(r"^https?://[^/\s]+", base_url):
-            s.fail("base_url", "must be an http:// or https:// URL")
-        models: tuple[str, ...] = tuple(s.strings("models"))
-        provider = s.choice("provider", PROVIDERS, "openai")
-        if provider in ("anthropic", "gemini", "azure") and base_url.endswith(("/v1", "/v1beta")):
-            s.fail("base_url", f"for provider {provider}, give the root URL (e.g."
-                   f" {IMPLICIT_UPSTREAMS.get(provider, 'https://NAME.openai.azure.com')}):"
-                   " the API version comes from the client's path")  # fmt: skip
-        deployments = s.section("deployments")
-        pairs = []
-        for dep, model in deployments.data.items():
-            if not isinstance(model, str) or not model:
-                deployments.fail(str(dep), "must name the model the deployment serves")
-            pairs.append((str(dep), model))
-        if pairs and provider != "azure":
-            s.fail("deployments", "only Azure upstreams (provider: azure) have deployments")
-        upstreams.append(
-            Upstream(
-                name=name,
-                base_url=base_url,
-                api_key=s.string("api_key", None, env=True),
-                models=models,
-                default=s.boolean("default", False),
-                inject_usage=s.boolean("inject_usage", True),
-                provider=provider,
-                deployments=tuple(pairs),
-                default_service_tier=_tier(
-                    s.choice("default_service_tier", ("default", "priority", "flex"), "default")
-                ),
-            )
-        )
-    if sum(u.default for u in upstreams) > 1:
-        raise FieldError("upstreams", "(several)", "only one upstream can be the default")
-    return tuple(upstreams)
-
-
-def _margins(section: Section) -> tuple[tuple[str, float], ...]:
-    section.check_unknown(PROVIDERS)
-    return tuple((p, float(section.number(p, min=0, max=10))) for p in section.data)
-
-
-def _tier(value: str) -> str | None:
-    return None if value == "default" else value
-
-
-def _keys(top: Section) -> dict[str, str]:
-    keys = top.section("keys")
-    out = {}
-    for key, agent in keys.data.items():
-        shown = f"{str(key)[:4]}..."  # never print a key in full
-        if not isinstance(key, str) or len(key) < 8:
-            raise FieldError(f"keys.{shown}", MISSING, "a proxy key must be at least 8 characters")
-        if isinstance(agent, dict):
-            agent = Section(agent, ("keys", shown)).string("agent")
-        if not isinstance(agent, str):
-            raise FieldError(f"keys.{shown}", agent, "must map to an agent name")
-        try:
-            validate_id(agent, "agent")
-        except IdError as e:
-            raise FieldError(f"keys.{shown}", agent, e.reason) from None
-        out[key] = agent
-    return out
-
-
-def parse_config(data: Any, path: Path | None = None) -> Config:
-    top = Section(data)
-    top.check_unknown(TOP_KEYS)
-    base = Path(path).parent if path else Path.cwd()
-
-    server = top.section("server")
-    server.check_unknown(
-        ("host", "port", "max_body_bytes", "shutdown_grace_seconds", "keepalive_timeout",
-         "body_timeout", "event_loop", "allowed_origins", "allowed_hosts")
-    )  # fmt: skip
-    timeouts = top.section("timeouts")
-    timeouts.check_unknown(("connect", "read", "stream_idle"))
-    pricing = top.section("pricing")
-    pricing.check_unknown(("file", "unknown_model", "reload_interval_seconds"))
-    storage = top.section("storage")
-    storage_keys = ("url", "sqlite_synchronous", "retention_days", "on_storage_error")
-    storage.check_unknown(
-        (*storage_keys, "spool_dir", "pool_size", "commit_timeout_seconds", "stall_seconds")
-    )
-    heartbeat = top.section("heartbeat")
-    heartbeat.check_unknown(("enabled", "max_cost_usd"))
-    enabled = heartbeat.data.get("enabled", "auto")
-    if isinstance(enabled, bool):
-        enabled = "true" if enabled else "false"
-    if enabled not in ("auto", "true", "false"):
-        heartbeat.fail("enabled", "must be auto, true or false")
-    origins = []
-    for i, origin in enumerate(server.strings("allowed_origins")):
-        o = origin.strip().lower().rstrip("/")
-        if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o):
-            raise FieldError(
-                f"server.allowed_origins[{i}]",
-                origin,
-                "must be an origin like https://app.example.com (scheme, host, optional port;"
-                " no path) or *",
-                ("server", "allowed_origins", i),
-            )
-        origins.append(o)
-    hosts = server.strings("allowed_hosts") if server.has("allowed_hosts") else None
-    attribution = top.section("attribution")
-    attribution.check_unknown(("agent_header", "intent_header", "default_agent"))
-    admin = top.section("admin")
-    admin.check_unknown(("token", "protect_metrics"))
-    logging_ = top.section("logging")
-    logging_.check_unknown(("format", "file", "level"))
-    budgets = top.section("budgets")
-    budgets.check_unknown(
-        (
-            "timezone",
-            "reserve_output_tokens",
-            "reserve_input_margin",
-            "reserve_input_margins",
-            "on_uncapped",
-            "clamp_share",
-            "unpriced",
-            "unknown_chain",
-            "background_max_seconds",
-            "global",
-            "defaults",
-            "agents",
-        )
-    )
-    alerts = top.section("alerts")
-    alerts.check_unknown(
-        ("webhooks", "thresholds", "queue_size", "repeat_seconds", "upstream_failures")
-    )
-
-    tz = budgets.string("timezone", "UTC")
-    try:
-        ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        budgets.fail("timezone", "is not a known time zone (e.g. UTC, Europe/Berlin)")
-
-    pricing_file = pricing.string("file", None)
-    log_file = logging_.string("file", None)
-    spool_dir = storage.string("spool_dir", None)
-    db_url = storage.string("url", Config.db_url, env=True)
-    token = admin.string("token", None, env=True)
-    if token is not None and len(token) < 16:
-        admin.fail("token", "must be at least 16 characters")
-
-    default_agent = attribution.string("default_agent", "anonymous")
-    try:
-        validate_id(default_agent, "agent")
-    except IdError as e:
-        attribution.fail("default_agent", e.reason)
-
-    webhooks = []
-    for i, item in enumerate(alerts.sequence("webhooks")):
-        w = alerts.item("webhooks", i, item)
-        w.check_unknown(("url", "format"))
-        url = w.string("url", env=True)
-        if not re.match(r"^https?://", url):
-            w.fail("url", "must be an http:// or https:// URL")
-        webhooks.append((url, w.choice("format", ("slack", "json"), "json")))
-    thresholds = alerts.data.get("thresholds", [0.5, 0.8, 1.0])
-    if not isinstance(thresholds, list) or not all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in thresholds
-    ):
-        alerts.fail("thresholds", "must be a list of fractions in (0, 1], e.g. [0.5, 0.8, 1.0]")
-
-    keys = _keys(top)
-    upstreams = _upstreams(top)
-    if keys:
-        for i, upstream in enumerate(upstreams):
-            if upstream.api_key is None and top.sequence("upstreams"):
-                raise FieldError(
-                    f"upstreams[{i}].api_key",
-                    MISSING,
-                    "is required when proxy keys are configured (the client's key is a proxy"
-                    " key and must not reach the provider)",
-                    ("upstreams", i, "api_key"),
-                )
-        if not top.sequence("upstreams"):
-            raise FieldError("upstreams", None, "proxy keys need upstreams with an api_key each")
-
-    return Config(
-        path=path,
-        host=server.string("host", "127.0.0.1"),
-        port=server.integer("port", 8787, min=0, max=65535),
-        max_body_bytes=server.integer("max_body_bytes", Config.max_body_bytes, min=1024),
-        shutdown_grace_seconds=server.number("shutdown_grace_seconds", 30.0, min=0),
-        keepalive_timeout=server.number("keepalive_timeout", 75.0, min=0.01),
-        body_timeout=server.number("body_timeout", 60.0, min=0.01),
-        event_loop=server.choice("event_loop", ("auto", "uvloop", "asyncio"), "auto"),
-        allowed_origins=tuple(origins),
-        allowed_hosts=tuple(h.strip().lower() for h in hosts) if hosts is not None else None,
-        upstreams=upstreams,
-        timeouts=Timeouts(
-            connect=timeouts.number("connect", 10.0, min=0.001),
-            read=timeouts.number("read", 600.0, min=0.001),
-            stream_idle=timeouts.number("stream_idle", 300.0, min=0.001),
-        ),
-        pricing_path=(base / pricing_file) if pricing_file else bundled_pricing_path(),
-        unknown_model=pricing.choice("unknown_model", ("allow", "block"), "allow"),
-        reload_interval_seconds=pricing.number("reload_interval_seconds", 1.0, min=0.01),
-        db_url=db_url,
-        sqlite_synchronous=storage.choice("sqlite_synchronous", ("NORMAL", "FULL"), "NORMAL"),
-        retention_days=storage.integer("retention_days", None, min=1),
-        on_storage_error=storage.choice("on_storage_error", ("closed", "open"), "closed"),
-        agent_header=attribution.string("agent_header", "X-Agent-Id"),
-        intent_header=attribution.string("intent_header", "X-Intent-Id"),
-        default_agent=default_agent,
-        keys=keys,
-        admin_token=token,
-        metrics_need_token=admin.boolean("protect_metrics", False),
-        log_format=logging_.choice("format", ("text", "json"), "text"),
-        log_file=(base / log_file) if log_file else None,
-        spool_dir=(base / spool_dir) if spool_dir else Config.spool_dir,
-        pool_size=storage.integer("pool_size", 10, min=1, max=1000),
-        commit_timeout=storage.number("commit_timeout_seconds", 5.0, min=0.01, max=3600),
-        stall_seconds=storage.number("stall_seconds", 10.0, min=0.1, max=86400),
-        log_level=logging_.choice("level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
-        timezone=tz,
-        reserve_output_tokens=budgets.integer("reserve_output_tokens", 1024, min=1, max=MAX_TOKENS),
-        reserve_input_margin=budgets.number("reserve_input_margin", 0.1, min=0, max=10),
-        reserve_input_margins=_margins(budgets.section("reserve_input_margins")),
-        on_uncapped=budgets.choice("on_uncapped", ("clamp", "expected", "reserve_max"), "clamp"),
-        clamp_share=budgets.number("clamp_share", 0.25, min=0.01, max=1),
-        unpriced=budgets.choice("unpriced", ("block", "allow"), "block"),
-        unknown_chain=budgets.choice(
-            "unknown_chain", ("context_window", "block"), "context_window"
-        ),
-        background_max_seconds=budgets.number(
-            "background_max_seconds", 86400.0, min=1, max=30 * 86400
-        ),
-        policies=parse_policies(budgets),
-        alerts=AlertsConfig(
-            webhooks=tuple(webhooks),
-            thresholds=tuple(float(t) for t in thresholds),
-            queue_size=alerts.integer("queue_size", 1000, min=1),
-            repeat_seconds=alerts.number("repeat_seconds", 300.0, min=0),
-            upstream_failures=alerts.integer("upstream_failures", 5, min=1),
-        ),
-        heartbeat_enabled=enabled,
-        heartbeat_max_cost_pico=usd_to_pico(
-            heartbeat.usd("max_cost_usd", Decimal(100), max=MAX_HEARTBEAT_USD)
-        ),
-    )
-
-
-def load_config(path: Path | str | None) -> Config:
-    """Read and validate a config file (None: all defaults). Raises ConfigError."""
-    if path is None:
-        return Config()
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    try:
-        return parse_config(data, path)
-    except FieldError as e:
-        line = yaml_line(text, e.parts)
-        where = f"{path}:{line}" if line else str(path)
-        raise ConfigError(f"{where}: {e.describe()}") from None

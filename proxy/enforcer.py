@@ -215,6 +215,7 @@ class Enforcer:
             reason = pause_reason(check, self.calendar, now)
             await self.store.set_paused(agent, True, reason, now)
             message += f". Agent '{agent}' is now paused until resumed through the admin API"
+            log.warning("budgets: agent '%s' paused: %s", agent, reason)
             self.bus.emit(events.Event(events.PAUSED, message, now, agent, check_data(check)))
         self.bus.emit(events.Event(events.REFUSED, message, now, agent, check_data(check)))
         return Refusal(check.limit, message, check, retry_after(check, now))

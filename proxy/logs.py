@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.calllog import CallSink, call_fields, call_line
+from proxy.calllog import CallSink, call_fields, call_level, call_line
 from proxy.records import CallRecord
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -57,11 +57,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class LazyFlushHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Flushes WARNING and above at once, everything else from `flush_soon()` timers."""
+    """Flushes WARNING and above at once, everything else from `flush_soon()` timers.
 
-    def __init__(self, stream: TextIO) -> None:
+    With a log file, the terminal still sees what a person starting the proxy must:
+    start-up lines (logged with `extra=CONSOLE`), warnings and errors (`console`)."""
+
+    def __init__(self, stream: TextIO, console: logging.Handler | None = None) -> None:
         super().__init__(stream)
         self._dirty = False
+        self.console = console
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -86,15 +90,26 @@ class LazyFlushHandler(logging.StreamHandler):  # type: ignore[type-arg]
         json_lines = isinstance(self.formatter, JsonFormatter)
         stream = self.stream
 
+        console = self.console
+
         def sink(record: CallRecord, spent_today: int | None) -> None:
             now = time.time()
+            level = call_level(record)
+            name = "INFO" if level == logging.INFO else "WARNING"
             if json_lines:
-                fields = {"ts": _iso(now), "level": "INFO", "logger": "meterproxy.calls"}
+                fields = {"ts": _iso(now), "level": name, "logger": "meterproxy.calls"}
                 fields |= call_fields(record, spent_today)
-                stream.write(orjson.dumps(fields).decode() + "\n")
+                line = orjson.dumps(fields).decode() + "\n"
             else:
-                stream.write(f"{_iso(now)} INFO    {call_line(record, spent_today)}\n")
-            self._dirty = True
+                line = f"{_iso(now)} {name:<7} {call_line(record, spent_today)}\n"
+            stream.write(line)
+            if level == logging.INFO:
+                self._dirty = True
+                return
+            self.flush()
+            if console is not None:
+                console.stream.write(line)  # type: ignore[attr-defined]
+                console.flush()
 
         return sink
 
@@ -120,6 +135,14 @@ class ClientFaultFilter(logging.Filter):
         return True
 
 
+CONSOLE = {"console": True}  # `extra=` of a log line the terminal must show
+
+
+class _ForConsole(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or getattr(record, "console", False)
+
+
 def setup_logging(
     fmt: str = "text", file: Path | None = None, level: str = "INFO"
 ) -> LazyFlushHandler:
@@ -130,11 +153,17 @@ def setup_logging(
     stream: TextIO = (
         open(file, "a", encoding="utf-8", buffering=1 << 16) if file else sys.stderr  # noqa: SIM115
     )
-    handler = LazyFlushHandler(stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    console = None
+    if file:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(formatter)
+        console.addFilter(_ForConsole())
+    handler = LazyFlushHandler(stream, console)
+    handler.setFormatter(formatter)
     for name in ("meterproxy", "aiohttp"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
+        logger.handlers[:] = [handler] if console is None else [handler, console]
         logger.propagate = False
     logging.getLogger("meterproxy").setLevel(level)
     logging.getLogger("aiohttp").setLevel(logging.WARNING)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from proxy.money import usd_exact, usd_fixed
+from proxy.money import usd_exact, usd_sig
 from proxy.storage import AggRow, Storage, Totals
 from proxy.storage.base import BUCKET_SECONDS, CALL_GROUPS, GROUPS, Grouping
 from proxy.windows import Calendar
@@ -123,18 +123,22 @@ class Report:
         head = [self.by.upper(), *(["WINDOW"] if self.window else []), "CALLS", "REFUSED", "IN",
                 "OUT", "COST_USD"]  # fmt: skip
         lines = []
-        for row in self.rows:
+        # One number format for the column, with 3 significant digits of the smallest
+        # cost: an embeddings row is not "0.000000" beside a chat row.
+        costs = usd_sig(*(r.totals.cost_pico for r in self.rows), self.total.cost_pico,
+                        significant=3, min_places=2)  # fmt: skip
+        for row, shown in zip(self.rows, costs, strict=False):
             t = row.totals
             cells = [row.key or "-"]
             if self.window:
                 cells.append(self.calendar.iso(row.window_start or 0)[:16].replace("T", " "))
-            cost = usd_fixed(t.cost_pico) + (f" (+{t.unpriced} unpriced)" if t.unpriced else "")
+            cost = shown + (f" (+{t.unpriced} unpriced)" if t.unpriced else "")
             cells += [str(t.llm_calls), str(t.refused), str(t.input_tokens), str(t.output_tokens),
                       cost]  # fmt: skip
             lines.append(cells)
         t = self.total
         total_row = ["TOTAL", *([""] if self.window else []), str(t.llm_calls), str(t.refused),
-                     str(t.input_tokens), str(t.output_tokens), usd_fixed(t.cost_pico)]  # fmt: skip
+                     str(t.input_tokens), str(t.output_tokens), costs[-1]]  # fmt: skip
         widths = [max(len(r[i]) for r in [head, *lines, total_row]) for i in range(len(head))]
 
         def fmt(cells: list[str]) -> str:

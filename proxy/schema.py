@@ -71,15 +71,38 @@ def display_path(parts: tuple[str | int, ...]) -> str:
 
 
 class Section:
-    """A mapping being read; `parts` is its key path, shown dotted in error messages."""
+    """A mapping being read; `parts` is its key path, shown dotted in error messages.
 
-    def __init__(self, data: object, parts: tuple[str | int, ...] = ()) -> None:
+    With a `sink`, a bad value does not stop the reading: its error is added to the sink
+    and the getter answers the default (or a placeholder), so one pass finds every bad
+    value (`meterproxy check`). Without one, the first bad value raises.
+    """
+
+    def __init__(
+        self,
+        data: object,
+        parts: tuple[str | int, ...] = (),
+        sink: list[FieldError] | None = None,
+    ) -> None:
+        self.sink = sink
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise FieldError(display_path(parts) or "(top level)", data, "must be a mapping", parts)
+            error = FieldError(display_path(parts) or "(top level)", data, "must be a mapping",
+                               parts)  # fmt: skip
+            if sink is None:
+                raise error
+            sink.append(error)
+            data = {}
         self.data: Mapping[str, Any] = data
         self.parts = parts
+
+    def report(self, error: FieldError, placeholder: Any = None) -> Any:
+        """Raise the error, or with a sink, keep it and answer the placeholder."""
+        if self.sink is None:
+            raise error
+        self.sink.append(error)
+        return placeholder
 
     @property
     def path(self) -> str:
@@ -102,7 +125,7 @@ class Section:
         for name in self.data:
             if name not in allowed:
                 known = ", ".join(sorted(allowed))
-                raise self.error(str(name), _MISSING, f"unknown key (known: {known})")
+                self.report(self.error(str(name), _MISSING, f"unknown key (known: {known})"))
 
     def _get(self, name: str, default: Any) -> Any:
         value = self.data.get(name)
@@ -112,7 +135,7 @@ class Section:
             return default
         return value
 
-    def string(self, name: str, default: Any = _MISSING, *, env: bool = False) -> Any:
+    def _string(self, name: str, default: Any = _MISSING, *, env: bool = False) -> Any:
         value = self._get(name, default)
         if value is default:
             return value
@@ -125,7 +148,7 @@ class Section:
         except FieldError as e:
             raise self.error(name, _MISSING, e.reason) from None
 
-    def integer(
+    def _integer(
         self, name: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
     ) -> Any:
         value = self._get(name, default)
@@ -139,7 +162,7 @@ class Section:
             self.fail(name, f"must be <= {max}")
         return value
 
-    def number(
+    def _number(
         self,
         name: str,
         default: Any = _MISSING,
@@ -160,7 +183,7 @@ class Section:
             self.fail(name, f"must be <= {max}")
         return float(value)
 
-    def usd(self, name: str, default: Any = _MISSING, *, max: Decimal | None = None) -> Any:
+    def _usd(self, name: str, default: Any = _MISSING, *, max: Decimal | None = None) -> Any:
         value = self._get(name, default)
         if value is default:
             return value
@@ -174,13 +197,13 @@ class Section:
             self.fail(name, f"must be at most {max:,}")
         return amount
 
-    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+    def _boolean(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
         if not isinstance(value, bool):
             self.fail(name, "must be true or false")
         return value
 
-    def choice(self, name: str, choices: Iterable[str], default: Any = _MISSING) -> Any:
+    def _choice(self, name: str, choices: Iterable[str], default: Any = _MISSING) -> Any:
         value = self._get(name, default)
         options = list(choices)
         if value not in options:
@@ -188,12 +211,13 @@ class Section:
         return value
 
     def section(self, name: str | int) -> Section:
-        return Section(self.data.get(name) if isinstance(name, str) else None, (*self.parts, name))
+        data = self.data.get(name) if isinstance(name, str) else None
+        return Section(data, (*self.parts, name), self.sink)
 
     def item(self, name: str, index: int, value: object) -> Section:
-        return Section(value, (*self.parts, name, index))
+        return Section(value, (*self.parts, name, index), self.sink)
 
-    def sequence(self, name: str) -> list[Any]:
+    def _sequence(self, name: str) -> list[Any]:
         value = self.data.get(name)
         if value is None:
             return []
@@ -201,8 +225,8 @@ class Section:
             self.fail(name, "must be a list")
         return value
 
-    def strings(self, name: str) -> list[str]:
-        items = self.sequence(name)
+    def _strings(self, name: str) -> list[str]:
+        items = self._sequence(name)
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item:
                 raise FieldError(
@@ -212,6 +236,66 @@ class Section:
                     (*self.parts, name, i),
                 )
         return items
+
+    # The getters: each answers the default, else a placeholder, when a sink keeps errors.
+
+    def string(self, name: str, default: Any = _MISSING, *, env: bool = False) -> Any:
+        try:
+            return self._string(name, default, env=env)
+        except FieldError as e:
+            return self.report(e, "invalid" if default is _MISSING else default)
+
+    def integer(
+        self, name: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
+    ) -> Any:
+        try:
+            return self._integer(name, default, min=min, max=max)
+        except FieldError as e:
+            return self.report(e, (min or 0) if default is _MISSING else default)
+
+    def number(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+    ) -> Any:
+        try:
+            return self._number(name, default, min=min, max=max)
+        except FieldError as e:
+            return self.report(e, float(min or 0) if default is _MISSING else default)
+
+    def usd(self, name: str, default: Any = _MISSING, *, max: Decimal | None = None) -> Any:
+        try:
+            return self._usd(name, default, max=max)
+        except FieldError as e:
+            return self.report(e, Decimal(0) if default is _MISSING else default)
+
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+        try:
+            return self._boolean(name, default)
+        except FieldError as e:
+            return self.report(e, False if default is _MISSING else default)
+
+    def choice(self, name: str, choices: Iterable[str], default: Any = _MISSING) -> Any:
+        options = list(choices)
+        try:
+            return self._choice(name, options, default)
+        except FieldError as e:
+            return self.report(e, options[0] if default is _MISSING else default)
+
+    def sequence(self, name: str) -> list[Any]:
+        try:
+            return self._sequence(name)
+        except FieldError as e:
+            return self.report(e, [])  # type: ignore[no-any-return]
+
+    def strings(self, name: str) -> list[str]:
+        try:
+            return self._strings(name)
+        except FieldError as e:
+            return self.report(e, [])  # type: ignore[no-any-return]
 
 
 def decimal_places(d: Decimal) -> int:

@@ -11,7 +11,8 @@ import openai
 from aiohttp import web
 
 from proxy.app import Options
-from proxy.config import AlertsConfig, parse_config
+from proxy.config import AlertsConfig
+from proxy.config_file import parse_config
 from tests.conftest import FakeClock, Proxy, ProxyFactory
 
 HI = [{"role": "user", "content": "hi"}]

@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from proxy.config import parse_config
+from proxy.config_file import parse_config
 from tests.conftest import Proxy, ProxyFactory
 from tests.fake_upstream import FakeUpstream
 

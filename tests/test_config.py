@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError
+from proxy.config_file import load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -17,7 +18,7 @@ def test_defaults_without_a_file() -> None:
     config = load_config(None)
     assert (config.host, config.port) == ("127.0.0.1", 8787)
     assert config.default_upstream.base_url == "https://api.openai.com/v1"
-    assert config.db_url == "sqlite:///meterproxy.db"
+    assert config.db_url == f"sqlite:///{Path.cwd() / 'meterproxy.db'}"
     assert config.pricing_path.name == "pricing.yaml"
 
 

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.config import parse_config
+from proxy.config_file import parse_config
 from tests.conftest import ROOT, Proxy, ProxyFactory
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

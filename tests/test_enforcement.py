@@ -14,7 +14,8 @@ import yaml
 from proxy.admission import intent_key
 from proxy.app import Options
 from proxy.budget_views import status as budget_status
-from proxy.config import Config, parse_config
+from proxy.config import Config
+from proxy.config_file import parse_config
 from tests.conftest import FakeClock, Proxy, ProxyFactory
 
 HI = [{"role": "user", "content": "hi"}]
@@ -145,7 +146,8 @@ async def test_pause_policies_and_spend_survive_a_restart(
     proxy = await budget_proxy(make_proxy, text, options=Options(clock=clock))
     await sdk(proxy, "spender").chat.completions.create(model="gpt-4o", messages=HI)
     async with aiohttp.ClientSession(headers=AUTH) as s:
-        async with s.post(proxy.url + "/meter/agents/pausy/pause", json={"reason": "audit"}) as r:
+        async with s.post(proxy.url + "/meter/agents/pausy/pause",
+                          json={"reason": "audit", "force": True}) as r:
             assert r.status == 200 and (await r.json())["state"] == "paused"
         async with s.put(proxy.url + "/meter/agents/capped/policy",
                          json={"max_cost_per_day_usd": 0.00001}) as r:  # fmt: skip

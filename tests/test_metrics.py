@@ -7,7 +7,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import parse_config
+from proxy.config_file import parse_config
 from tests.conftest import Proxy, ProxyFactory
 
 HI = [{"role": "user", "content": "hi"}]

@@ -19,7 +19,8 @@ import orjson
 import pytest
 import yaml
 
-from proxy.config import Config, parse_config
+from proxy.config import Config
+from proxy.config_file import parse_config
 from tests.conftest import Proxy, ProxyFactory
 from tests.pg import TempPostgres, started_cluster
 from tests.records import call_record

@@ -15,7 +15,8 @@ import openai
 import pytest
 import yaml
 
-from proxy.config import Config, Upstream, parse_config
+from proxy.config import Config, Upstream
+from proxy.config_file import parse_config
 from tests.conftest import Proxy, ProxyFactory
 from tests.fake_providers import FakeAnthropic, FakeGemini
 from tests.fake_upstream import FakeUpstream

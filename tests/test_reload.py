@@ -71,7 +71,7 @@ async def test_pricing_edit_applies_to_the_next_call_and_a_broken_edit_is_refuse
 
 async def test_config_reload_swaps_policies(make_proxy: ProxyFactory, tmp_path: Path) -> None:
     from proxy.app import RELOADER, Options
-    from proxy.config import load_config
+    from proxy.config_file import load_config
 
     path = tmp_path / "config.yaml"
     path.write_text("budgets:\n  defaults:\n    max_requests_per_minute: 5\n")

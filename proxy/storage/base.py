@@ -404,6 +404,25 @@ class Storage(ABC):
         rows = await self.intents_named(intent, agent)
         return rows[0] if rows else None
 
+    async def agent_seen(self, agent: str) -> bool:
+        """Whether the ledger holds any call of the agent (the rollups keep every agent
+        that ever called, retention or not)."""
+        rows = await self.fetch("SELECT 1 FROM rollup_agent_15m WHERE agent = ? LIMIT 1", [agent])
+        return bool(rows)
+
+    async def all_agents(self) -> list[str]:
+        rows = await self.fetch("SELECT DISTINCT agent FROM rollup_agent_15m ORDER BY agent")
+        return [r[0] for r in rows]
+
+    async def user_cost_since(self, agent: str, user: str, start: float, end: float) -> int:
+        """What one end user of an agent spent in [start, end), from the call rows."""
+        rows = await self.fetch(
+            "SELECT SUM(cost_pico) FROM calls WHERE agent = ? AND end_user = ?"
+            " AND started_at >= ? AND started_at < ?",
+            [agent, user, start, end],
+        )
+        return int(rows[0][0] or 0) if rows else 0
+
     async def agents_since(self, since: int) -> list[str]:
         rows = await self.fetch(
             "SELECT DISTINCT agent FROM rollup_15m WHERE bucket >= ? ORDER BY agent", [since]

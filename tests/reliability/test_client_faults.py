@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.config import parse_config
+from proxy.config_file import parse_config
 from proxy.logs import ClientFaultFilter
 from tests.conftest import Proxy, ProxyFactory, raw_request
 

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import parse_config
+from proxy.config_file import parse_config
 from tests.conftest import Proxy, ProxyFactory, raw_request
 
 TOKEN = "test-admin-token-0123456789"
@@ -130,7 +130,7 @@ async def test_the_dashboards_own_origin_is_allowed(make_proxy: ProxyFactory) ->
     proxy = await make_proxy(admin_token=TOKEN)
     origin = proxy.url  # http://127.0.0.1:PORT: what the dashboard's fetch sends
     async with aiohttp.ClientSession() as s:
-        async with s.post(proxy.url + "/meter/agents/a/pause", headers={
+        async with s.post(proxy.url + "/meter/agents/a/pause", json={"force": True}, headers={
             "Origin": origin, "Authorization": f"Bearer {TOKEN}"}) as r:  # fmt: skip
             assert r.status == 200
         async with s.post(proxy.url + "/meter/agents/a/resume", headers={

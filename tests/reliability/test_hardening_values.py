@@ -18,7 +18,7 @@ import aiohttp
 import openai
 import yaml
 
-from proxy.config import parse_config
+from proxy.config_file import parse_config
 from proxy.storage.migrations import MIGRATIONS
 from tests.conftest import ROOT, Proxy, ProxyFactory
 from tests.reliability.proc import ADMIN, ProxyProcess

@@ -151,7 +151,7 @@ def test_binding_beyond_loopback_without_keys_or_token_warns(tmp_path: Any) -> N
 
 
 async def test_default_listen_address_is_loopback() -> None:
-    from proxy.config import load_config
+    from proxy.config_file import load_config
 
     assert load_config(None).host == "127.0.0.1"
     await asyncio.sleep(0)
