@@ -45,12 +45,18 @@ def intent_scope(agent: str, intent: str) -> str:
     return f"intent:{agent}{_SEP}{intent}"
 
 
+def user_scope(agent: str, user: str) -> str:
+    """An end user lives in their agent's lane too: agents' customer ids are their own."""
+    return f"user:{agent}{_SEP}{user}"
+
+
 def intent_key(agent: str, intent: str) -> CounterKey:
     return CounterKey(intent_scope(agent, intent), "cost:life", *LIFETIME)
 
 
 def split_scope(scope: str) -> tuple[str, str, str | None]:
-    """`agent:a` -> ("agent", "a", None); `intent:a\\x1fi` -> ("intent", "a", "i")."""
+    """`agent:a` -> ("agent", "a", None); `intent:a\\x1fi` -> ("intent", "a", "i");
+    `user:a\\x1fu` -> ("user", "a", "u")."""
     kind, _, rest = scope.partition(":")
     if kind == GLOBAL:
         return GLOBAL, "", None
@@ -63,9 +69,10 @@ def split_scope(scope: str) -> tuple[str, str, str | None]:
 
 @dataclass(frozen=True, slots=True)
 class Applicable:
-    scope: str  # "agent" or "global"
-    subject: str  # the agent's name, or "global"
+    scope: str  # "agent", "user" or "global"
+    subject: str  # the agent's name, the end user's id, or "global"
     policy: Policy
+    counters: str  # the scope of the counters it reads (see agent_scope, user_scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +83,22 @@ class Plan:
     needs_estimate: bool  # a cost limit applies: admission needs the call's cost
     loop_policy: Policy | None  # whose loop guard applies (the agent's own, else global)
     refuses: bool  # some limit blocks or pauses (what fail-closed protects)
+    user_scope: str | None = None  # an end user's limits apply: their counters' scope
 
 
-def make_plan(policies: PolicySet, agent: str) -> Plan:
+def make_plan(policies: PolicySet, agent: str, user: str | None = None) -> Plan:
     applicable = []
     policy, _ = policies.for_agent(agent)
     if policy is not None:
-        applicable.append(Applicable("agent", agent, policy))
+        applicable.append(Applicable("agent", agent, policy, agent_scope(agent)))
+    user_policy = policies.for_user(user)
+    scope_of_user = None
+    if user_policy is not None and user is not None:
+        scope_of_user = user_scope(agent, user)
+        applicable.append(Applicable("user", user, user_policy, scope_of_user))
     g = policies.global_policy
     if g is not None:
-        applicable.append(Applicable(GLOBAL, GLOBAL, g))
+        applicable.append(Applicable(GLOBAL, GLOBAL, g, GLOBAL))
     loop = None
     if policy is not None and policy.loop_guard is not None:
         loop = policy
@@ -96,6 +109,7 @@ def make_plan(policies: PolicySet, agent: str) -> Plan:
         any(a.policy.has_cost_limit for a in applicable),
         loop,
         any(a.policy.refuses for a in applicable),
+        scope_of_user,
     )
 
 
@@ -164,11 +178,16 @@ class Admission:
         return keys + [k for k in self.spend_keys if k not in seen]
 
 
-def spend_keys(agent: str, intent: str | None, calendar: Calendar, at: float) -> list[CounterKey]:
-    """Every counter a call's cost goes to, limited or not (views show them all)."""
+def spend_keys(
+    agent: str, intent: str | None, calendar: Calendar, at: float, user_scope: str | None = None
+) -> list[CounterKey]:
+    """Every counter a call's cost goes to, limited or not (views show them all). An end
+    user's counters exist only while limits apply to them: customers can be many."""
+    scopes = (agent_scope(agent), GLOBAL) if user_scope is None else (
+        agent_scope(agent), GLOBAL, user_scope)  # fmt: skip
     keys = [
         CounterKey(scope, f"cost:{window}", *calendar.window(window, at))
-        for scope in (agent_scope(agent), GLOBAL)
+        for scope in scopes
         for window in COST_WINDOWS
     ]
     if intent is not None:
@@ -192,7 +211,7 @@ def plan_limits(
     out = []
     for app in plan.applicable:
         policy, action = app.policy, app.policy.action
-        scope = agent_scope(agent) if app.scope == "agent" else GLOBAL
+        scope = app.counters
         for name, window in COST_LIMITS.items():
             if window in policy.cost:
                 key = CounterKey(scope, f"cost:{window}", *calendar.window(window, now))
@@ -258,7 +277,7 @@ def plan_admission(
         blocking = guard.max_identical_requests if guard_policy.refuses else None
         loop = LoopSpec(intent or "", digest, now - guard.window_seconds, blocking, guard_policy)
     return Admission(agent, intent, amount, now, demands, limits,
-                     spend_keys(agent, intent, calendar, now), loop)  # fmt: skip
+                     spend_keys(agent, intent, calendar, now, plan.user_scope), loop)  # fmt: skip
 
 
 # -- the decision ------------------------------------------------------------------------------
@@ -357,6 +376,8 @@ def decide_breached(breached: Sequence[Check], outcome: Outcome) -> Decision:
 def _describe_scope(check: Check) -> str:
     if check.scope == GLOBAL:
         return "all agents together"
+    if check.scope == "user":
+        return f"end user '{check.subject}'"
     return f"{check.scope} '{check.subject}'"
 
 

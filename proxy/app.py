@@ -154,6 +154,7 @@ def _services_ctx(
         enforcer = Enforcer(calendar, policies, bus, store, config.alerts.thresholds,
                             on_error=config.on_storage_error)  # fmt: skip
         if isinstance(store, PgCounters):
+            store.user_limited = enforcer.user_limited
             await budget_sync.refresh(enforcer, store, clock())
         else:
             await store.load(storage, calendar, clock())  # open_storage synced the rollups
@@ -222,9 +223,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
             ),
             asyncio.create_task(svc.ledger.keep(), name="meterproxy-spool"),
         ]
-    if svc.config.retention_days is not None:
-        tasks.append(asyncio.create_task(_prune(svc, svc.config.retention_days),
-                                         name="meterproxy-prune"))  # fmt: skip
+    tasks.append(asyncio.create_task(_prune(svc), name="meterproxy-prune"))
     try:
         yield
     finally:
@@ -279,17 +278,19 @@ def _ledger_metrics(svc: Services) -> Iterator[GaugeMetricFamily | CounterMetric
         )  # fmt: skip
 
 
-async def _prune(svc: Services, days: int) -> None:
-    """Drop call rows past retention (rollups and intent totals stay), hourly."""
+async def _prune(svc: Services) -> None:
+    """Drop call rows past retention (rollups and intent totals stay), hourly; the
+    retention in force is read each time (it reloads)."""
     while True:
-        cutoff = svc.clock() - days * 86400
-        try:
-            deleted = await svc.storage.prune_calls(cutoff)
-            if deleted:
-                log.info("retention: pruned %d call rows older than %d days", deleted, days)
-        except Exception:
-            log.exception("retention: pruning failed")
-        await asyncio.sleep(3600)
+        days = svc.config.retention_days
+        if days is not None:
+            try:
+                deleted = await svc.storage.prune_calls(svc.clock() - days * 86400)
+                if deleted:
+                    log.info("retention: pruned %d call rows older than %d days", deleted, days)
+            except Exception:
+                log.exception("retention: pruning failed")
+        await asyncio.sleep(3600 if days is not None else 60)
 
 
 async def health(request: web.Request) -> web.Response:

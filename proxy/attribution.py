@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -107,3 +109,80 @@ def identify(
     if header_value:
         return Caller(_checked(header_value, "agent", f"header {agent_header}"), intent, "header")
     return Caller(default_agent, intent, "default")
+
+
+# -- the agent's own customers, and free-form tags -----------------------------------------
+
+MAX_USER_CHARS = 256
+MAX_TAGS = 16
+_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]+$")
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_TAG_VALUE = re.compile(r"^[^\x00-\x1f\x7f,=]{0,128}$")
+
+
+def user_digest(user: str, salt: str | None = None) -> str:
+    """What is stored for an end user under attribution.hash_users: a digest, keyed with
+    the salt when one is set (unkeyed, a guessable id such as an email can be guessed
+    back by hashing candidates)."""
+    data = user.encode()
+    if salt:
+        return "u_" + hmac.new(salt.encode(), data, hashlib.sha256).hexdigest()[:32]
+    return "u_" + hashlib.sha256(data).hexdigest()[:32]
+
+
+def end_user(
+    header: str | None,
+    header_name: str,
+    from_body: str | None,
+    *,
+    hash_users: bool,
+    salt: str | None,
+) -> str | None:
+    """The end user a call is for: the header (set by the agent's developer, so a bad one
+    is a 400), else the body's field (passed to the provider as is, so a value unfit for a
+    report is stored as its digest rather than refused)."""
+    if header is not None and header != "":
+        if len(header) > MAX_USER_CHARS or not _PRINTABLE.match(header):
+            raise ProxyFault(
+                400, "invalid_user_id",
+                f"header {header_name}: an end user id is 1-{MAX_USER_CHARS} printable"
+                " characters",
+                param=header_name,
+            )  # fmt: skip
+        user = header
+    elif isinstance(from_body, str) and from_body:
+        user = from_body
+        if len(user) > MAX_USER_CHARS or not _PRINTABLE.match(user):
+            return user_digest(user, salt)
+    else:
+        return None
+    return user_digest(user, salt) if hash_users else user
+
+
+def parse_tags(value: str | None, header_name: str) -> str | None:
+    """`team=search, env=prod` -> `env=prod,team=search` (sorted: one spelling per set)."""
+    if value is None or not value.strip():
+        return None
+    tags: dict[str, str] = {}
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, val = part.partition("=")
+        key, val = key.strip(), val.strip()
+        if not sep or not _TAG_KEY.match(key) or not _TAG_VALUE.match(val):
+            raise ProxyFault(
+                400, "invalid_tags",
+                f"header {header_name}: bad tag {part[:80]!r}: tags are key=value pairs"
+                " separated by commas (key: letters, digits, _ . -; value: up to 128"
+                " characters without , or =), e.g. team=search,env=prod",
+                param=header_name,
+            )  # fmt: skip
+        if key in tags and tags[key] != val:
+            raise ProxyFault(400, "invalid_tags", f"header {header_name}: tag '{key}' is given"
+                             " twice with different values", param=header_name)  # fmt: skip
+        tags[key] = val
+    if len(tags) > MAX_TAGS:
+        raise ProxyFault(400, "invalid_tags", f"header {header_name}: at most {MAX_TAGS} tags",
+                         param=header_name)  # fmt: skip
+    return ",".join(f"{k}={tags[k]}" for k in sorted(tags)) or None

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import ClientResponse, web
 
 from proxy import intake, relay
-from proxy.attribution import UNAUTHENTICATED, identify
+from proxy.attribution import UNAUTHENTICATED, end_user, identify, parse_tags
 from proxy.background import Pending, completion_id
 from proxy.config import Upstream
 from proxy.counters import Ticket
@@ -142,6 +142,7 @@ class Call:
         raw_body: bytes | None = None
         if self.metered:
             raw_body = await self._read_request()
+        self._end_user()
         self.upstream = upstream = self._upstream()
         rec.upstream, rec.provider = upstream.name, upstream.provider
         if self.metered:
@@ -223,6 +224,15 @@ class Call:
                 rec.agent = UNAUTHENTICATED
             raise
         rec.agent, rec.intent = caller.agent, caller.intent
+        rec.tags = parse_tags(request.headers.get(config.tags_header), config.tags_header)
+
+    def _end_user(self) -> None:
+        config = self.svc.config
+        from_body = self.facts.end_user if config.user_from_body else None
+        self.record.end_user = end_user(
+            self.request.headers.get(config.user_header), config.user_header, from_body,
+            hash_users=config.hash_users, salt=config.user_hash_salt,
+        )  # fmt: skip
 
     def _unknown_model(self, model: str) -> None:
         config = self.svc.config
@@ -270,7 +280,7 @@ class Call:
         reason = self._unpriced_reason()
         if reason is not None:
             self.unpriced = True
-            if svc.config.unpriced == "block" and enforcer.plan(rec.agent).refuses:
+            if svc.config.unpriced == "block" and enforcer.plan(rec.agent, rec.end_user).refuses:
                 raise ProxyFault(
                     403, "unpriced_call",
                     f"meterproxy: agent '{rec.agent}' is under a block budget and this call"
@@ -280,7 +290,11 @@ class Call:
                     type_=BUDGET_ERROR,
                 )  # fmt: skip
         amount = 0
-        if self.price is not None and self.metered and enforcer.needs_estimate(rec.agent):
+        if (
+            self.price is not None
+            and self.metered
+            and enforcer.needs_estimate(rec.agent, rec.end_user)
+        ):
             self.reservation = await reserve(self)
             amount = self.reservation.amount
         digest = None
@@ -291,7 +305,7 @@ class Call:
         assert self.route is not None
         free = self.route.endpoint.kind is Kind.FREE
         admitted = await enforcer.admit(rec.agent, rec.intent, amount, svc.clock(), digest,
-                                        call_id=rec.id, free=free)  # fmt: skip
+                                        call_id=rec.id, free=free, user=rec.end_user)  # fmt: skip
         if isinstance(admitted, Refusal):
             raise budget_fault(admitted)
         self.ticket = admitted

@@ -125,7 +125,7 @@ async def _serve(
     await site.stop()
     if runner.server is not None:
         runner.server.pre_shutdown()
-    grace = config.shutdown_grace_seconds
+    grace = svc.config.shutdown_grace_seconds  # it reloads
     log.info("stopping: waiting up to %gs for %d calls in flight", grace, len(svc.inflight),
              extra=CONSOLE)  # fmt: skip
     deadline = loop.time() + grace

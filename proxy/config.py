@@ -143,7 +143,8 @@ class Config:
     # `user` / `safety_identifier` (OpenAI) or `metadata.user_id` (Anthropic).
     user_header: str = "X-Meter-User"
     user_from_body: bool = True
-    hash_users: bool = False  # store a keyed digest of the end user, never the id itself
+    hash_users: bool = False  # store a digest of the end user, never the id itself
+    user_hash_salt: str | None = None  # keys the digest (set it: emails can be guessed)
     tags_header: str = "X-Meter-Tags"  # free-form key=value tags: "team=search,env=prod"
     keys: dict[str, str] = field(default_factory=dict)  # proxy key -> agent
     admin_token: str | None = None

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from proxy.attribution import user_digest
 from proxy.bounds import MAX_HEARTBEAT_USD, MAX_TOKENS
 from proxy.config import (
     IMPLICIT_UPSTREAMS,
@@ -271,8 +272,10 @@ def _storage(top: Section, base: Path) -> dict[str, Any]:
 
 def _attribution(top: Section) -> dict[str, Any]:
     attribution = top.section("attribution")
-    attribution.check_unknown(("agent_header", "intent_header", "default_agent", "user_header",
-                               "user_from_body", "hash_users", "tags_header"))  # fmt: skip
+    attribution.check_unknown(
+        ("agent_header", "intent_header", "default_agent", "user_header", "user_from_body",
+         "hash_users", "user_hash_salt", "tags_header")
+    )  # fmt: skip
     default_agent = attribution.string("default_agent", "anonymous")
     try:
         validate_id(default_agent, "agent")
@@ -285,6 +288,7 @@ def _attribution(top: Section) -> dict[str, Any]:
         "user_header": attribution.string("user_header", "X-Meter-User"),
         "user_from_body": attribution.boolean("user_from_body", True),
         "hash_users": attribution.boolean("hash_users", False),
+        "user_hash_salt": attribution.string("user_hash_salt", None, env=True),
         "tags_header": attribution.string("tags_header", "X-Meter-Tags"),
     }
 
@@ -309,7 +313,7 @@ def _logging(top: Section, base: Path) -> dict[str, Any]:
     }
 
 
-def _budgets(top: Section) -> dict[str, Any]:
+def _budgets(top: Section, user_key: Callable[[str], str]) -> dict[str, Any]:
     budgets = top.section("budgets")
     budgets.check_unknown(
         (
@@ -357,8 +361,17 @@ def _budgets(top: Section) -> dict[str, Any]:
         "background_max_seconds": budgets.number(
             "background_max_seconds", 86400.0, min=1, max=30 * 86400
         ),
-        "policies": parse_policies(budgets),
+        "policies": parse_policies(budgets, user_key),
     }
+
+
+def _user_key(top: Section) -> Callable[[str], str]:
+    """How a user id written under budgets.users is stored (as calls store it)."""
+    attribution = top.section("attribution")
+    if attribution.data.get("hash_users") is not True:
+        return str
+    salt = attribution.string("user_hash_salt", None, env=True)
+    return lambda user: user_digest(user, salt)
 
 
 def _alerts(top: Section) -> dict[str, Any]:
@@ -435,7 +448,7 @@ def parse_config(
         lambda: _keys(top),
         lambda: _admin(top),
         lambda: _logging(top, base),
-        lambda: _budgets(top),
+        lambda: _budgets(top, _user_key(top)),
         lambda: _alerts(top),
         lambda: _heartbeat(top),
     ):

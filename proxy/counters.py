@@ -39,6 +39,7 @@ class Ticket:
     spend: list[CounterKey] = field(default_factory=list)  # counters its cost goes to
     lease: str | None = None  # shared budgets: the reservation's id in the database
     settled: bool = False
+    user: str | None = None  # the end user whose limits it was admitted under
 
 
 class CounterStore(Protocol):
@@ -139,8 +140,17 @@ class MemoryCounters:
         self._paused = await storage.paused_agents()
 
     async def prepare(self, adm: Admission) -> None:
+        if self.storage is None:
+            return
+        for d in adm.demands:  # an end user's counters are made on demand: from the ledger
+            ukey = d.key
+            if ukey.scope.startswith("user:") and ukey not in self.values:
+                _, agent, user = split_scope(ukey.scope)
+                assert user is not None
+                cost = await self.storage.user_cost_since(agent, user, ukey.start, ukey.end)
+                self.values.setdefault(ukey, [cost, 0])
         key = adm.intent_key
-        if key is None or key in self.values or self.storage is None or adm.intent is None:
+        if key is None or key in self.values or adm.intent is None:
             return
         row = await self.storage.intent(adm.agent, adm.intent)
         if row is not None and key not in self.values:

@@ -85,7 +85,7 @@ class Enforcer:
         on_error: str = "closed",
     ) -> None:
         self.calendar = calendar
-        self._plans: dict[str, Plan] = {}
+        self._plans: dict[tuple[str, str | None], Plan] = {}
         self.policies = policies
         self.bus = bus
         self.store: CounterStore = store if store is not None else MemoryCounters()
@@ -117,23 +117,32 @@ class Enforcer:
         self._policy_set = policies
         self._plans = {}  # what applies to each agent is worked out again, once
 
-    def plan(self, agent: str) -> Plan:
-        plan = self._plans.get(agent)
+    def plan(self, agent: str, user: str | None = None) -> Plan:
+        """What applies to the agent's calls (for one of its end users)."""
+        if user is not None and not self._policy_set.has_user_limits:
+            user = None  # one plan per agent when no end user has limits
+        plan = self._plans.get((agent, user))
         if plan is None:
-            plan = make_plan(self._policy_set, agent)
+            plan = make_plan(self._policy_set, agent, user)
             if len(self._plans) < _MAX_PLANS:
-                self._plans[agent] = plan
+                self._plans[(agent, user)] = plan
         return plan
 
-    def needs_estimate(self, agent: str) -> bool:
-        """Whether admission needs the call's cost (a cost limit applies)."""
-        return self.plan(agent).needs_estimate
+    def user_limited(self, agent: str, user: str | None) -> str | None:
+        """The scope of an end user's counters, when limits apply to them."""
+        return self.plan(agent, user).user_scope if user is not None else None
 
-    def headroom(self, agent: str, intent: str | None, now: float) -> int | None:
+    def needs_estimate(self, agent: str, user: str | None = None) -> bool:
+        """Whether admission needs the call's cost (a cost limit applies)."""
+        return self.plan(agent, user).needs_estimate
+
+    def headroom(
+        self, agent: str, intent: str | None, now: float, user: str | None = None
+    ) -> int | None:
         """What the tightest money limit that refuses still allows, as this process sees it
         (None: no such limit). A hint for sizing a call; admission decides atomically."""
         tightest = None
-        for lim in plan_limits(self.plan(agent), agent, intent, self.calendar, now,
+        for lim in plan_limits(self.plan(agent, user), agent, intent, self.calendar, now,
                                counting=False):  # fmt: skip
             if lim.money and lim.action in REFUSING:
                 used, reserved = self.store.value(lim.key)
@@ -155,8 +164,9 @@ class Enforcer:
         digest: bytes | None = None,
         call_id: str | None = None,  # the call's ledger id: names a shared reservation
         free: bool = False,  # it cannot spend: money limits do not stop it
+        user: str | None = None,  # the agent's end user the call is for
     ) -> Ticket | Refusal:
-        plan = self.plan(agent)
+        plan = self.plan(agent, user)
         adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest, free=free)
         if self.store.shared:
             if call_id is None:
@@ -174,7 +184,8 @@ class Enforcer:
         decision = decide(adm, outcome)
         ticket = None
         if outcome.ok:
-            ticket = Ticket(agent, intent, amount, self.store.ticket_keys(adm), adm.spend_keys)
+            ticket = Ticket(agent, intent, amount, self.store.ticket_keys(adm), adm.spend_keys,
+                            user=user)  # fmt: skip
             if self.store.shared and amount and ticket.keys:
                 ticket.lease = call_id
             self.outstanding += 1
@@ -239,7 +250,7 @@ class Enforcer:
     async def extend(self, ticket: Ticket, amount: int, now: float) -> Refusal | None:
         """More reservation for an admitted call that runs on (a stream): None when the
         budget covers `amount` more, else the limit that does not."""
-        plan = self.plan(ticket.agent)
+        plan = self.plan(ticket.agent, ticket.user)
         adm = plan_admission(plan, ticket.agent, ticket.intent, amount, self.calendar, now,
                              counting=False)  # fmt: skip
         try:
@@ -289,7 +300,8 @@ class Enforcer:
                 status=503,
             )
         self.outstanding += 1
-        return Ticket(adm.agent, adm.intent, 0, [], adm.spend_keys)  # counted when replayed
+        # Counted when replayed.
+        return Ticket(adm.agent, adm.intent, 0, [], adm.spend_keys, user=plan_user(plan))
 
     def _back_online(self) -> None:
         if self.database_down:
@@ -400,6 +412,13 @@ class Enforcer:
     def spent(self, agent: str, window: str, now: float) -> int:
         key = CounterKey(agent_scope(agent), f"cost:{window}", *self.calendar.window(window, now))
         return self.store.value(key)[0]
+
+
+def plan_user(plan: Plan) -> str | None:
+    for app in plan.applicable:
+        if app.scope == "user":
+            return app.subject
+    return None
 
 
 def _threshold_event(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from proxy.admission import Admission, Outcome, spend_keys
 from proxy.counters import Ticket, agents_in
@@ -43,6 +43,9 @@ class PgCounters:
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.values: dict[CounterKey, list[int]] = {}
         self._paused: dict[str, str | None] = {}
+        # The scope of an end user's counters while limits apply to them (the enforcer
+        # sets it: it knows the policies); their rows count there too.
+        self.user_limited: Callable[[str, str | None], str | None] = lambda agent, user: None
 
     @property
     def paused(self) -> dict[str, str | None]:
@@ -51,7 +54,8 @@ class PgCounters:
     def spend_keys(self, record: CallRecord) -> Sequence[CounterKey]:
         """The counters a committed row's cost goes to (the ledger writer passes them to
         `meterproxy_record`)."""
-        return spend_keys(record.agent, record.intent, self.calendar, record.started_at)
+        user = self.user_limited(record.agent, record.end_user)
+        return spend_keys(record.agent, record.intent, self.calendar, record.started_at, user)
 
     # -- admission -------------------------------------------------------------------
 

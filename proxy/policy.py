@@ -6,8 +6,8 @@ A policy sets limits for a scope: one agent, `defaults` (every agent without its
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from proxy.bounds import MAX_COUNT, MAX_LIMIT_USD
@@ -79,8 +79,13 @@ def parse_policy(section: Section, *, scope: str = "agent") -> Policy:
             cost[window] = usd_to_pico(amount)
     intents = {w: section.integer(k, None, min=0, max=MAX_COUNT) for k, w in INTENT_LIMITS.items()}
     action = section.choice("action_on_breach", ACTIONS, "block")
-    if scope == "global" and action == "pause":
-        section.fail("action_on_breach", "pause applies to one agent; use block for global")
+    if scope in ("global", "user") and action == "pause":
+        section.fail("action_on_breach", f"pause applies to one agent; use block for {scope}")
+    if scope == "user":
+        for key in (*INTENT_LIMITS, INTENT_COST_LIMIT, "loop_guard"):
+            if section.has(key):
+                section.fail(key, "an end user's policy takes cost and request limits only"
+                             " (intents and the loop guard are the agent's)")  # fmt: skip
     per_intent = section.usd(INTENT_COST_LIMIT, None, max=MAX_LIMIT_USD)
     guard = None
     if section.has("loop_guard"):
@@ -110,6 +115,10 @@ class PolicySet:
     defaults: Policy | None = None
     agents: Mapping[str, Policy] = field(default_factory=dict)
     api: Mapping[str, Policy] = field(default_factory=dict)
+    # Per end user of an agent (each agent's users apart): by user id as stored (hashed
+    # when attribution.hash_users), else `user_defaults`.
+    users: Mapping[str, Policy] = field(default_factory=dict)
+    user_defaults: Policy | None = None
 
     def for_agent(self, agent: str) -> tuple[Policy | None, str | None]:
         if agent in self.api:
@@ -120,21 +129,39 @@ class PolicySet:
             return self.defaults, "defaults"
         return None, None
 
+    def for_user(self, user: str | None) -> Policy | None:
+        if user is None:
+            return None
+        return self.users.get(user, self.user_defaults)
+
+    @property
+    def has_user_limits(self) -> bool:
+        return bool(self.users) or self.user_defaults is not None
+
     def with_api(self, api: Mapping[str, Policy]) -> PolicySet:
-        return PolicySet(self.global_policy, self.defaults, self.agents, dict(api))
+        return replace(self, api=dict(api))
 
     def names(self) -> set[str]:
         return set(self.agents) | set(self.api)
 
 
-def parse_policies(section: Section) -> PolicySet:
+def parse_policies(section: Section, user_key: Callable[[str], str] = str) -> PolicySet:
+    """`user_key`: a user id as written in the file -> as stored (its digest, when
+    attribution.hash_users)."""
     agents = section.section("agents")
+    users = section.section("users")
+    user_defaults = section.section("user_defaults") if section.has("user_defaults") else None
     return PolicySet(
         global_policy=parse_policy(section.section("global"), scope="global")
         if section.has("global")
         else None,
         defaults=parse_policy(section.section("defaults")) if section.has("defaults") else None,
         agents={str(name): parse_policy(agents.section(name)) for name in agents.data},
+        users={
+            user_key(str(name)): parse_policy(users.section(name), scope="user")
+            for name in users.data
+        },
+        user_defaults=parse_policy(user_defaults, scope="user") if user_defaults else None,
     )
 
 

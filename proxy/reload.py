@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from proxy.config import Config, ConfigError
@@ -17,7 +18,59 @@ from proxy.pricing import PricingError, load_price_table
 from proxy.services import Services
 
 log = logging.getLogger("meterproxy.reload")
-_RESTART_ONLY = ("host", "port", "db_url", "sqlite_synchronous", "log_format", "log_file")
+
+# What a reload does with each config key. `live`: read from the config in force at each
+# use, so the new value applies to the next call. `applied`: rebuilt by
+# `Services.apply_config`. `restart`: fixed when the process started; a change is logged
+# as a WARNING naming the key. A test checks that every field of Config is listed here.
+LIVE, APPLIED, RESTART = "live", "applied", "restart"
+RULES: dict[str, str] = {
+    "path": RESTART, "found_by": RESTART,
+    "host": RESTART, "port": RESTART, "max_body_bytes": RESTART, "keepalive_timeout": RESTART,
+    "event_loop": RESTART, "shutdown_grace_seconds": LIVE, "body_timeout": LIVE,
+    "allowed_origins": LIVE, "allowed_hosts": LIVE,
+    "upstreams": LIVE, "timeouts.connect": LIVE, "timeouts.read": LIVE,
+    "timeouts.stream_idle": LIVE,
+    "pricing_path": APPLIED, "unknown_model": LIVE, "reload_interval_seconds": LIVE,
+    "db_url": RESTART, "sqlite_synchronous": RESTART, "retention_days": LIVE,
+    "on_storage_error": APPLIED, "spool_dir": RESTART, "pool_size": RESTART,
+    "commit_timeout": APPLIED, "stall_seconds": APPLIED,
+    "agent_header": LIVE, "intent_header": LIVE, "default_agent": LIVE, "user_header": LIVE,
+    "user_from_body": LIVE, "hash_users": LIVE, "user_hash_salt": LIVE, "tags_header": LIVE,
+    "keys": APPLIED, "admin_token": LIVE, "metrics_need_token": LIVE,
+    "log_format": RESTART, "log_file": RESTART, "log_level": APPLIED,
+    "timezone": RESTART,
+    "reserve_output_tokens": LIVE, "reserve_input_margin": LIVE, "reserve_input_margins": LIVE,
+    "on_uncapped": LIVE, "clamp_share": LIVE, "unpriced": LIVE, "unknown_chain": LIVE,
+    "background_max_seconds": LIVE, "policies": APPLIED,
+    "alerts.webhooks": APPLIED, "alerts.thresholds": APPLIED, "alerts.repeat_seconds": APPLIED,
+    "alerts.upstream_failures": APPLIED, "alerts.queue_size": RESTART,
+    "heartbeat_enabled": LIVE, "heartbeat_max_cost_pico": LIVE,
+}  # fmt: skip
+# The names people write in the file, for the WARNING.
+_FILE_KEYS = {
+    "path": "--config", "found_by": "--config", "db_url": "storage.url",
+    "sqlite_synchronous": "storage.sqlite_synchronous", "spool_dir": "storage.spool_dir",
+    "pool_size": "storage.pool_size", "log_format": "logging.format", "log_file": "logging.file",
+    "timezone": "budgets.timezone", "alerts.queue_size": "alerts.queue_size",
+}  # fmt: skip
+
+
+def value_of(config: Config, name: str) -> object:
+    obj: object = config
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def restart_changes(old: Config, new: Config) -> list[str]:
+    """The restart-only keys whose value changed, as the file spells them."""
+    return [
+        _FILE_KEYS.get(name, f"server.{name}")
+        for name, rule in RULES.items()
+        if rule == RESTART and name not in ("path", "found_by")
+        and value_of(old, name) != value_of(new, name)
+    ]  # fmt: skip
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -26,6 +79,14 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def keep_restart_values(old: Config, new: Config) -> Config:
+    """The new config with the values in force kept where only a restart can change them:
+    the config shown and used is the one actually running."""
+    top = {n: getattr(old, n) for n, rule in RULES.items() if rule == RESTART and "." not in n}
+    alerts = replace(new.alerts, queue_size=old.alerts.queue_size)
+    return replace(new, **top, alerts=alerts)
 
 
 class Reloader:
@@ -80,11 +141,11 @@ class Reloader:
             self._error(("config", sig), f"config not reloaded, previous config stays: {e}")
             return
         old = self.svc.config
-        for name in _RESTART_ONLY:
-            if getattr(old, name) != getattr(config, name):
-                log.warning("config: %s changed; it takes effect after a restart", name)
+        for key in restart_changes(old, config):
+            log.warning("config: %s changed; it takes effect after a restart (until then the"
+                        " old value stays)", key)  # fmt: skip
         pricing_moved = config.pricing_path != old.pricing_path
-        self.svc.apply_config(config)
+        self.svc.apply_config(keep_restart_values(old, config))
         log.info("config reloaded from %s", config.path)
         if pricing_moved:
             self._pricing_sig = None

@@ -154,7 +154,8 @@ def _capped(
             return base
         return Reservation(input_cost + expected * rate, input_tokens, input_cost, rate,
                            expected, tier=tier)  # fmt: skip
-    headroom = call.svc.enforcer.headroom(call.record.agent, call.record.intent, call.svc.clock())
+    rec = call.record
+    headroom = call.svc.enforcer.headroom(rec.agent, rec.intent, call.svc.clock(), rec.end_user)
     if headroom is None:
         return base  # no limit refuses: nothing to clamp to
     if facts.cap is not None:

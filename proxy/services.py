@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -89,10 +90,21 @@ class Services:
             observer.call_ended(record, upstream_seconds, forwarded)
 
     def apply_config(self, config: Config) -> None:
-        """Swap in a reloaded config: policies, keys, upstreams, attribution."""
+        """Swap in a reloaded config. What is read at each use applies by itself; this
+        rebuilds what was built from it (see `proxy.reload.RULES`)."""
         self.config = config
         self.keys = KeyRing(config.keys)
-        self.enforcer.policies = config.policies.with_api(self.enforcer.policies.api)
+        enforcer = self.enforcer
+        enforcer.policies = config.policies.with_api(enforcer.policies.api)
+        enforcer.thresholds = tuple(sorted(config.alerts.thresholds))
+        enforcer.on_error = config.on_storage_error
+        self.ledger.commit_timeout = config.commit_timeout
+        self.ledger.stall_seconds = config.stall_seconds
+        if self.alerts is not None:
+            self.alerts.config = config.alerts
+        if self.watch is not None:
+            self.watch.threshold = config.alerts.upstream_failures
+        logging.getLogger("meterproxy").setLevel(config.log_level)
 
 
 SERVICES = web.AppKey("meterproxy.services", Services)

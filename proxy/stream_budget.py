@@ -114,7 +114,7 @@ class StreamBudget:
     def _next_slice(self) -> int:
         """A slice, or what the budget still has when that is less (the last slice)."""
         ticket = self.ticket
-        headroom = self.enforcer.headroom(ticket.agent, ticket.intent, self.clock())
+        headroom = self.enforcer.headroom(ticket.agent, ticket.intent, self.clock(), ticket.user)
         if headroom is not None and self.rate <= headroom < self.slice_cost:
             return headroom
         return self.slice_cost

@@ -63,6 +63,7 @@ CREATE OR REPLACE FUNCTION meterproxy_admit(
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
 DECLARE
     v_created text[];
+    v_users text[];
     v_ok boolean;
     v_fresh boolean;
     v_paused boolean;
@@ -75,8 +76,19 @@ BEGIN
         INSERT INTO budget_counters AS b (scope, kind, window_start, window_end, used, reserved)
         SELECT DISTINCT r.s, r.k, r.w, r.e, 0::numeric, 0::numeric
         FROM unnest(c_scope, c_kind, c_start, c_end) AS r(s, k, w, e) ORDER BY 1, 2, 3
-        ON CONFLICT DO NOTHING RETURNING b.scope)
-    SELECT array_agg(c.scope) INTO v_created FROM created c WHERE c.scope LIKE 'intent:%';
+        ON CONFLICT DO NOTHING RETURNING b.scope, b.kind, b.window_start)
+    SELECT array_agg(c.scope) FILTER (WHERE c.scope LIKE 'intent:%'),
+           array_agg(c.scope || chr(30) || c.kind || chr(30) || c.window_start::text)
+               FILTER (WHERE c.scope LIKE 'user:%' AND c.kind LIKE 'cost:%')
+        INTO v_created, v_users FROM created c;
+    IF v_users IS NOT NULL THEN  -- an end user's counters start from what the ledger holds
+        UPDATE budget_counters b SET used = COALESCE(
+            (SELECT SUM(k.cost_pico) FROM calls k
+             WHERE k.agent = split_part(substr(b.scope, 6), chr(31), 1)
+               AND k.end_user = split_part(substr(b.scope, 6), chr(31), 2)
+               AND k.started_at >= b.window_start AND k.started_at < b.window_end), 0)
+        WHERE b.scope || chr(30) || b.kind || chr(30) || b.window_start::text = ANY(v_users);
+    END IF;
     IF v_created IS NOT NULL THEN  -- older calls of an intent may be in the ledger
         UPDATE budget_counters b SET used = COALESCE(
             (SELECT i.cost_micro * 1000000::numeric + i.cost_pico_rem FROM intents i
