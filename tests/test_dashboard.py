@@ -164,3 +164,85 @@ def test_static_files_have_no_external_references() -> None:
             "http://" not in text.replace("http://www.w3.org/2000/svg", "")
             and "https://" not in text
         ), f
+
+
+async def crowded(make_proxy: ProxyFactory, fake: Any) -> Proxy:
+    """25 agents with different spend, one of them on a model with no price, one with a
+    per-intent limit."""
+    upstream, _ = fake
+    policies = parse_config({"budgets": {"agents": {
+        "agent-07": {"max_cost_per_day_usd": 1, "max_cost_per_intent_usd": 0.25},
+    }}}).policies  # fmt: skip
+    proxy = await make_proxy(policies=policies, admin_token=TOKEN)
+    for i in range(25):
+        upstream.script.update(prompt_tokens=100 * (i + 1), completion_tokens=10)
+        client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/agent-{i:02d}/v1", api_key="k",
+                                    max_retries=0, default_headers={"X-Intent-Id": f"t{i}"})  # fmt: skip
+        await client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=20)
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/agent-03/v1", api_key="k",
+                                max_retries=0)  # fmt: skip
+    await client.chat.completions.create(model="house-model-v2", messages=HI)  # no price
+    await proxy.flushed()
+    return proxy
+
+
+async def open_dashboard(proxy: Proxy, browser: Any, width: int) -> Any:
+    page = await browser.new_page(viewport={"width": width, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    await page.goto(proxy.url + "/meter/dashboard")
+    assert not await page.is_visible("#views")  # the login screen shows no view buttons
+    assert not await page.is_visible("#autorefresh")
+    await page.fill("#token", TOKEN)
+    await page.click("#login button[type=submit]")
+    await page.wait_for_selector("#agents tr[data-agent='agent-24']")
+    assert await page.is_visible("#views")
+    page.errors = errors
+    return page
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+async def test_dashboard_at_phone_and_desktop_width(
+    make_proxy: ProxyFactory, fake: Any, browser: Any, width: int
+) -> None:
+    proxy = await crowded(make_proxy, fake)
+    page = await open_dashboard(proxy, browser, width)
+
+    # Biggest spender first: agent-24 sent the longest prompt.
+    order = await page.eval_on_selector_all("#agents tbody tr", "rs => rs.map(r => r.dataset.agent)")
+    assert order[:3] == ["agent-24", "agent-23", "agent-22"] and len(order) == 25
+    # 25 agents, 25 colours, the same in the table and the chart's legend.
+    colours = await page.eval_on_selector_all(
+        "#agents tbody tr .swatch", "s => s.map(e => getComputedStyle(e).backgroundColor)")
+    assert len(set(colours)) == 25
+    legend = await page.eval_on_selector_all(
+        "#legend span", "s => s.map(e => [e.dataset.agent, getComputedStyle(e.firstChild).backgroundColor])")
+    assert dict(legend) == dict(zip(order, colours, strict=True))
+    assert await page.locator("#chart rect").count() == 25
+
+    # A model with no price is "unpriced", not $0: in the agent's row and the models table.
+    spent = page.locator("#agents tr[data-agent='agent-03'] td.spent")
+    assert await spent.get_attribute("data-unpriced") == "1"
+    assert (await spent.text_content() or "").endswith("+ 1 unpriced")
+    model = page.locator("#models tr[data-key='house-model-v2'] td").last
+    assert await model.text_content() == "unpriced"
+    # The per-intent limit is shown beside the agent's budget.
+    per_intent = page.locator("#agents tr[data-agent='agent-07'] .perintent")
+    assert await per_intent.get_attribute("data-per-intent") == "0.25"
+    assert await per_intent.text_content() == "at most $0.25 per intent (block)"
+
+    # The page fits the window: wide tables scroll inside their box, not the page.
+    assert await page.evaluate("document.documentElement.scrollWidth") <= width
+    # Axis labels keep a readable size on a phone (the chart is drawn at its pixel width).
+    heights = await page.eval_on_selector_all(
+        "#chart text", "ts => ts.map(t => t.getBoundingClientRect().height)")
+    assert len(heights) >= 4 and min(heights) >= 10
+    labels = await page.eval_on_selector_all(
+        "#chart text", "ts => ts.slice(1).map(t => t.getBoundingClientRect())"
+        ".map(r => [r.left, r.right])")
+    assert all(a[1] <= b[0] for a, b in zip(labels, labels[1:])), "axis labels overlap"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    name = "dashboard-phone.png" if width < 500 else "dashboard-desktop.png"
+    await page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    assert page.errors == []

@@ -9,8 +9,9 @@ const VIEWS = {
   week: { name: "this week", chart: "day", limit: "max_cost_per_week_usd", step: 86400 },
   month: { name: "this month", chart: "day", limit: "max_cost_per_month_usd", step: 86400 },
 };
-const COLORS = ["#3b6fd8", "#f0a93b", "#2f9e62", "#d64545", "#8e5cd9", "#1aa3b8", "#c2417e",
-                "#7a8a2e", "#b86b1a", "#5b6478"];
+// A colour per agent, any number of them: hues a golden angle apart never repeat, and
+// neighbours in the list (the biggest spenders) differ most. Lightness alternates too.
+const colorFor = (i) => `hsl(${(i * 137.508) % 360} ${i % 2 ? 55 : 68}% ${i % 3 === 2 ? 38 : 48}%)`;
 let view = "day";
 let timer = null;
 
@@ -27,6 +28,14 @@ const el = (tag, attrs = {}, ...children) => {
 };
 const usd = (s) => "$" + (s.includes(".") && s.split(".")[1].length > 6 ? Number(s).toFixed(6) : s);
 const money = (s, cls = "num") => el("td", { class: cls, "data-usd": s }, usd(s));
+// Calls the price table could not price cost an unknown amount, never "$0".
+function cost(s, unpriced, cls = "num") {
+  if (!unpriced) return money(s, cls);
+  const cell = el("td", { class: cls + " unpriced", "data-usd": s, "data-unpriced": unpriced });
+  cell.textContent = Number(s) > 0 ? `${usd(s)} + ${unpriced} unpriced` : "unpriced";
+  cell.title = "calls of models missing from pricing.yaml: their cost is unknown";
+  return cell;
+}
 
 class Unauthorized extends Error {}
 
@@ -46,6 +55,7 @@ async function api(path, options = {}) {
 
 function showLogin(message) {
   $("#main").hidden = true;
+  $("#controls").hidden = true;  // nothing to switch or refresh before the token is in
   $("#login").hidden = false;
   $("#login-error").textContent = message || "";
   stopTimer();
@@ -64,6 +74,7 @@ async function load() {
     ]);
     $("#login").hidden = true;
     $("#main").hidden = false;
+    $("#controls").hidden = false;
     render(agents, chart, intents, models, calls, win);
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     $("#updated").dataset.loads = String(Number($("#updated").dataset.loads || 0) + 1);
@@ -82,8 +93,16 @@ function render(agents, chart, intents, models, calls, win) {
   $("#total-refused").textContent = chart.total.refused;
   $("#reserved").textContent = usd(agents.reserved_usd);
   $("#reserved").dataset.usd = agents.reserved_usd;
-  renderAgents(agents.agents);
-  renderChart(chart, win);
+  const unpriced = {};
+  for (const r of chart.rows) unpriced[r.agent] = (unpriced[r.agent] || 0) + (r.unpriced || 0);
+  // Biggest spender first, in the table, the chart and its legend alike.
+  const order = [...agents.agents].sort((a, b) =>
+    Number(b.windows[view].spent_usd) - Number(a.windows[view].spent_usd) ||
+    a.agent.localeCompare(b.agent));
+  const colors = new Map(order.map((a, i) => [a.agent, colorFor(i)]));
+  for (const r of chart.rows) if (!colors.has(r.agent)) colors.set(r.agent, colorFor(colors.size));
+  renderAgents(order, unpriced, colors);
+  renderChart(chart, win, colors);
   renderTop("#intents", intents.rows, "intent", "(no intent)");
   renderTop("#models", models.rows, "model", "(none)");
   renderCalls(calls.calls);
@@ -92,7 +111,12 @@ function render(agents, chart, intents, models, calls, win) {
 function budgetBar(agent) {
   const limits = agent.limits.filter((l) => l.scope === "agent" && l.limit_usd !== undefined);
   const limit = limits.find((l) => l.limit === VIEWS[view].limit) || limits[0];
-  if (!limit) return el("td", { class: "muted" }, "no cost limit");
+  if (!limit) {
+    const cell = el("td", { class: "budget muted" }, "no cost limit");
+    const pi = perIntent(agent);
+    if (pi) cell.replaceChildren(pi);
+    return cell;
+  }
   const max = Number(limit.limit_usd) || 1e-12;
   const spent = Math.min(Number(limit.spent_usd) / max, 1);
   const reserved = Math.min(Number(limit.reserved_usd) / max, 1 - spent);
@@ -104,10 +128,19 @@ function budgetBar(agent) {
   return el("td", { class: "budget", "data-limit": limit.limit },
     bar, el("span", { class: "barlabel" },
       `${usd(limit.spent_usd)} + ${usd(limit.reserved_usd)} reserved of ${usd(limit.limit_usd)}` +
-      ` (${limit.limit.replace("max_cost_per_", "").replace("_usd", "")})`));
+      ` (${limit.limit.replace("max_cost_per_", "").replace("_usd", "")})`),
+    perIntent(agent));
 }
 
-function renderAgents(list) {
+// A per-intent cost limit applies to each of the agent's tasks: say so beside its budget.
+function perIntent(agent) {
+  const limit = agent.policy && agent.policy.max_cost_per_intent_usd;
+  if (limit === undefined || limit === null) return "";
+  return el("span", { class: "perintent", "data-per-intent": String(limit) },
+    `at most ${usd(String(limit))} per intent (${agent.policy.action_on_breach || "block"})`);
+}
+
+function renderAgents(list, unpriced, colors) {
   const body = $("#agents tbody");
   body.replaceChildren();
   for (const a of list) {
@@ -122,10 +155,12 @@ function renderAgents(list) {
       });
       action.append(button);
     }
+    const swatch = el("i", { class: "swatch" });
+    swatch.style.background = colors.get(a.agent);
     body.append(el("tr", { "data-agent": a.agent },
-      el("td", {}, a.agent),
+      el("td", {}, swatch, a.agent),
       el("td", { class: "state state-" + a.state }, a.state),
-      money(w.spent_usd, "num spent"),
+      cost(w.spent_usd, unpriced[a.agent] || 0, "num spent"),
       money(w.reserved_usd, "num reserved"),
       budgetBar(a),
       action));
@@ -133,23 +168,25 @@ function renderAgents(list) {
   if (!list.length) body.append(el("tr", {}, el("td", { colSpan: 6, class: "muted" }, "no agents yet")));
 }
 
-function renderChart(report, win) {
+function renderChart(report, win, colors) {
   const start = Date.parse(win.starts) / 1000;
   const end = Date.parse(win.resets) / 1000;
   const step = VIEWS[view].step;
   const slots = Math.max(1, Math.round((end - start) / step));
-  const agents = [...new Set(report.rows.map((r) => r.agent))].sort();
+  const agents = [...colors.keys()].filter((a) => report.rows.some((r) => r.agent === a));
   const totals = Array.from({ length: slots }, () => agents.map(() => 0));
   for (const row of report.rows) {
     const i = Math.min(slots - 1, Math.max(0, Math.floor((Date.parse(row.window_start) / 1000 - start + step / 2) / step)));
     totals[i][agents.indexOf(row.agent)] += Number(row.cost_usd);
   }
   const top = Math.max(1e-12, ...totals.map((s) => s.reduce((a, b) => a + b, 0)));
-  const W = 1000, H = 200, pad = 28, bw = (W - pad) / slots;
+  // Drawn at the box's own pixel width: text keeps its size on a phone, nothing stretches.
+  const W = Math.max(200, Math.round($("#chart").clientWidth - 16) || 1000);
+  const H = 200, pad = 28, bw = (W - pad) / slots;
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-  svg.setAttribute("preserveAspectRatio", "none");
+
   const label = document.createElementNS(ns, "text");
   label.setAttribute("x", "0"); label.setAttribute("y", "12"); label.setAttribute("font-size", "11");
   label.setAttribute("fill", "#6b7385"); label.textContent = "$" + top.toPrecision(3);
@@ -164,7 +201,7 @@ function renderChart(report, win) {
       rect.setAttribute("width", String(Math.max(bw - 2, 1)));
       rect.setAttribute("y", String(y - h));
       rect.setAttribute("height", String(h));
-      rect.setAttribute("fill", COLORS[j % COLORS.length]);
+      rect.setAttribute("fill", colors.get(agents[j]));
       rect.setAttribute("data-agent", agents[j]);
       const title = document.createElementNS(ns, "title");
       title.textContent = `${agents[j]}: $${v.toFixed(6)}`;
@@ -173,20 +210,19 @@ function renderChart(report, win) {
       y -= h;
     });
   });
-  const every = Math.ceil(slots / 12);
+  const every = Math.ceil(slots / Math.max(2, Math.floor((W - pad) / 44)));  // ~44 px a label
   for (let i = 0; i < slots; i += every) {
     const tick = document.createElementNS(ns, "text");
     tick.setAttribute("x", String(pad + i * bw + 2));
     tick.setAttribute("y", String(H - 2));
-    tick.setAttribute("font-size", "10");
+    tick.setAttribute("font-size", "11");
     tick.setAttribute("fill", "#6b7385");
     tick.textContent = slotLabel(win.starts, i);
     svg.append(tick);
   }
   $("#chart").replaceChildren(svg);
-  $("#legend").replaceChildren(...agents.map((a, j) =>
-    el("span", {}, el("i"), a)));
-  [...$("#legend").children].forEach((n, j) => { n.firstChild.style.background = COLORS[j % COLORS.length]; });
+  $("#legend").replaceChildren(...agents.map((a) => el("span", { "data-agent": a }, el("i"), a)));
+  for (const n of $("#legend").children) n.firstChild.style.background = colors.get(n.dataset.agent);
 }
 
 // Slot labels in the proxy's time zone, from the window start's own date and hour.
@@ -206,7 +242,7 @@ function renderTop(selector, rows, key, empty) {
     .slice(0, 10);
   for (const r of sorted) {
     body.append(el("tr", { "data-key": r[key] }, el("td", {}, r[key] || empty),
-      el("td", { class: "num" }, r.llm_calls), money(r.cost_usd)));
+      el("td", { class: "num" }, r.llm_calls), cost(r.cost_usd, r.unpriced || 0)));
   }
 }
 
