@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -209,14 +210,19 @@ async def test_dashboard_at_phone_and_desktop_width(
     page = await open_dashboard(proxy, browser, width)
 
     # Biggest spender first: agent-24 sent the longest prompt.
-    order = await page.eval_on_selector_all("#agents tbody tr", "rs => rs.map(r => r.dataset.agent)")
+    order = await page.eval_on_selector_all(
+        "#agents tbody tr", "rs => rs.map(r => r.dataset.agent)"
+    )
     assert order[:3] == ["agent-24", "agent-23", "agent-22"] and len(order) == 25
     # 25 agents, 25 colours, the same in the table and the chart's legend.
     colours = await page.eval_on_selector_all(
-        "#agents tbody tr .swatch", "s => s.map(e => getComputedStyle(e).backgroundColor)")
+        "#agents tbody tr .swatch", "s => s.map(e => getComputedStyle(e).backgroundColor)"
+    )
     assert len(set(colours)) == 25
     legend = await page.eval_on_selector_all(
-        "#legend span", "s => s.map(e => [e.dataset.agent, getComputedStyle(e.firstChild).backgroundColor])")
+        "#legend span",
+        "s => s.map(e => [e.dataset.agent, getComputedStyle(e.firstChild).backgroundColor])",
+    )
     assert dict(legend) == dict(zip(order, colours, strict=True))
     assert await page.locator("#chart rect").count() == 25
 
@@ -235,12 +241,14 @@ async def test_dashboard_at_phone_and_desktop_width(
     assert await page.evaluate("document.documentElement.scrollWidth") <= width
     # Axis labels keep a readable size on a phone (the chart is drawn at its pixel width).
     heights = await page.eval_on_selector_all(
-        "#chart text", "ts => ts.map(t => t.getBoundingClientRect().height)")
+        "#chart text", "ts => ts.map(t => t.getBoundingClientRect().height)"
+    )
     assert len(heights) >= 4 and min(heights) >= 10
     labels = await page.eval_on_selector_all(
-        "#chart text", "ts => ts.slice(1).map(t => t.getBoundingClientRect())"
-        ".map(r => [r.left, r.right])")
-    assert all(a[1] <= b[0] for a, b in zip(labels, labels[1:])), "axis labels overlap"
+        "#chart text",
+        "ts => ts.slice(1).map(t => t.getBoundingClientRect()).map(r => [r.left, r.right])",
+    )
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(labels)), "axis labels overlap"
 
     ARTIFACTS.mkdir(exist_ok=True)
     name = "dashboard-phone.png" if width < 500 else "dashboard-desktop.png"

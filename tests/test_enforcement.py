@@ -146,8 +146,9 @@ async def test_pause_policies_and_spend_survive_a_restart(
     proxy = await budget_proxy(make_proxy, text, options=Options(clock=clock))
     await sdk(proxy, "spender").chat.completions.create(model="gpt-4o", messages=HI)
     async with aiohttp.ClientSession(headers=AUTH) as s:
-        async with s.post(proxy.url + "/meter/agents/pausy/pause",
-                          json={"reason": "audit", "force": True}) as r:
+        async with s.post(
+            proxy.url + "/meter/agents/pausy/pause", json={"reason": "audit", "force": True}
+        ) as r:
             assert r.status == 200 and (await r.json())["state"] == "paused"
         async with s.put(proxy.url + "/meter/agents/capped/policy",
                          json={"max_cost_per_day_usd": 0.00001}) as r:  # fmt: skip

@@ -385,3 +385,15 @@ async def test_reports_by_provider(
         "anthropic": 70_000_000, "openai": 80_000_000,
     }  # fmt: skip
     assert report.total.cost_pico == 150_000_000
+
+
+async def test_anthropic_metadata_user_id_is_the_end_user(
+    make_proxy: ProxyFactory, fake: Any, claude: Any
+) -> None:
+    _, url = claude
+    proxy = await provider_proxy(make_proxy, fake, Upstream("claude", url, provider="anthropic"))
+    await claude_client(proxy).messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=HI,
+                                 metadata={"user_id": "cust-42"})  # fmt: skip
+    await proxy.flushed()
+    (row,) = await proxy.rows()
+    assert (row["agent"], row["end_user"], row["provider"]) == ("coder", "cust-42", "anthropic")
