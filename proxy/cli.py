@@ -13,12 +13,12 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, Upstream
-from proxy.config_file import (
+from proxy.config_file import load_config
+from proxy.config_paths import (
     CONFIG_ENV,
     CONFIG_NAME,
     find_config,
     ledger_path,
-    load_config,
     preflight,
     resolve_ledger,
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, ConfigError
-from proxy.config_file import CONFIG_ENV, CONFIG_NAME, ledger_path, preflight
+from proxy.config_paths import CONFIG_ENV, CONFIG_NAME, ledger_path, preflight
 from proxy.hosts import is_loopback_host
 from proxy.logs import CONSOLE
 from proxy.redact import redact_url

@@ -9,7 +9,6 @@ from elsewhere reads the same ledger as the proxy.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,56 +32,14 @@ from proxy.config import (
     Timeouts,
     Upstream,
 )
+from proxy.config_paths import LEDGER_NAME, PRICING_NAME, resolve_ledger
 from proxy.ids import IdError, validate_id
 from proxy.money import usd_to_pico
 from proxy.policy import parse_policies
-from proxy.pricing import PricingError, bundled_pricing_path, load_price_table
+from proxy.pricing import bundled_pricing_path
 from proxy.schema import MISSING, FieldError, Section, yaml_line
 
-CONFIG_ENV = "METERPROXY_CONFIG"
-CONFIG_NAME = "meterproxy.yaml"
-PRICING_NAME = "pricing.yaml"
-LEDGER_NAME = "meterproxy.db"
 _URL = re.compile(r"^https?://[^/\s]+")
-
-
-# -- where the config file is ----------------------------------------------------------
-
-
-def find_config(given: str | None, cwd: Path | None = None) -> tuple[Path | None, str | None]:
-    """The config file to use and how it was found: `--config`, then $METERPROXY_CONFIG,
-    then ./meterproxy.yaml. (None, None): no file, every default."""
-    if given:
-        return Path(given), "--config"
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return Path(env), f"${CONFIG_ENV}"
-    here = (cwd or Path.cwd()) / CONFIG_NAME
-    if here.is_file():
-        return here, f"./{CONFIG_NAME}"
-    return None, None
-
-
-def resolve_ledger(url: str, base: Path) -> str:
-    """A SQLite ledger's path made absolute against `base`; other URLs as they are."""
-    if url.startswith(("postgresql://", "postgres://")) or url == ":memory:":
-        return url
-    path = url[len("sqlite://") :] if url.startswith("sqlite://") else url
-    if url.startswith("sqlite://"):
-        path = path[1:] if path.startswith("/") else path  # sqlite:///rel, sqlite:////abs
-    if path == ":memory:":
-        return url
-    return "sqlite:///" + str((base / Path(path).expanduser()).resolve())
-
-
-def ledger_path(url: str) -> Path | None:
-    """The file of a SQLite ledger URL (None: PostgreSQL, or in memory)."""
-    if url.startswith(("postgresql://", "postgres://")) or ":memory:" in url:
-        return None
-    path = url[len("sqlite://") :] if url.startswith("sqlite://") else url
-    if url.startswith("sqlite://") and path.startswith("/"):
-        path = path[1:]
-    return Path(path)
 
 
 # -- the sections ------------------------------------------------------------------------
@@ -498,28 +455,3 @@ def load_config(
         except FieldError as e:
             raise ConfigError(_line(path, text, e)) from None
     return replace(config, found_by=found_by)
-
-
-def preflight(config: Config) -> list[str]:
-    """What would stop `serve` after the file parsed: the price table, the ledger's and
-    the log's directories, the event loop. `check` and `serve` both run it."""
-    problems = []
-    try:
-        load_price_table(config.pricing_path)
-    except PricingError as e:
-        problems.append(str(e))
-    where = str(config.path) if config.path else "(no config file)"
-    ledger = ledger_path(config.db_url)
-    if ledger is not None and not ledger.parent.is_dir():
-        problems.append(f"{where}: key 'storage.url': the ledger's directory {ledger.parent}"
-                        " does not exist")  # fmt: skip
-    if config.log_file is not None and not config.log_file.parent.is_dir():
-        problems.append(f"{where}: key 'logging.file': the directory {config.log_file.parent}"
-                        " does not exist")  # fmt: skip
-    if config.event_loop == "uvloop":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            problems.append(f"{where}: key 'server.event_loop': is uvloop, but uvloop is not"
-                            " installed (pip install uvloop, or set auto)")  # fmt: skip
-    return problems

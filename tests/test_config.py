@@ -28,7 +28,8 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERPROXY_ADMIN_TOKEN", "a-long-enough-admin-token")
     root = Path(__file__).resolve().parent.parent
     config = load_config(root / "config.example.yaml")
-    assert config.upstream_for("claude-sonnet-4-5").name == "anthropic"
+    assert config.upstream_for("claude-sonnet-4-5").name == "anthropic-compat"
+    assert config.upstream_for("claude-sonnet-4-5", "anthropic").name == "anthropic"
     assert config.upstream_for("gpt-4o").name == "openai"
     assert config.policies.agents["research-agent"].cost["day"] == 50 * 10**12
 
@@ -79,3 +80,21 @@ def test_errors_name_file_line_key_and_value(tmp_path: Path, text: str, expected
     assert message.startswith(str(path))
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_example_config_shows_every_key() -> None:
+    """Every key the parser accepts appears in config.example.yaml (as a key or in a
+    comment): the file is where people look them up."""
+    import re
+
+    from proxy import config_file
+
+    source = Path(config_file.__file__).read_text()
+    example = (Path(__file__).resolve().parent.parent / "config.example.yaml").read_text()
+    # The keys each section accepts: the tuples handed to check_unknown.
+    known = set()
+    for block in re.findall(r"check_unknown\(\s*\(([^)]*)\)", source):
+        known |= set(re.findall(r'"([a-z_]+)"', block))
+    assert len(known) > 60
+    missing = sorted(k for k in known if not re.search(rf"\b{k}:", example))
+    assert missing == []
