@@ -76,6 +76,7 @@ class Totals:
     cost_micro: int = 0  # whole micro-USD...
     cost_pico_rem: int = 0  # ...plus pico-USD: two sums that cannot overflow (see rollups)
     unpriced: int = 0
+    shadowed: int = 0
 
     @property
     def cost_pico(self) -> int:
@@ -359,6 +360,25 @@ class Storage(ABC):
         )
         return {agent: exact_cost(micro, rem) for agent, micro, rem in rows}
 
+    async def cost_by_minute_since(self, since: float) -> list[tuple[str, float, int]]:
+        """(agent, minute start, pico-USD) from the call rows: spend rates after a restart."""
+        minute = self.window_expr("started_at", Grouping(0, 60))
+        rows = await self.fetch(
+            f"SELECT agent, {minute}, SUM(cost_pico / 1000000), SUM(cost_pico % 1000000)"
+            " FROM calls WHERE started_at >= ? AND cost_pico > 0 GROUP BY 1, 2",
+            [since],
+        )  # two sums that cannot overflow 64 bits (see rollups)
+        return [(agent, float(m) * 60, exact_cost(micro, rem)) for agent, m, micro, rem in rows]
+
+    async def rollup_buckets(self, agent: str, since: float) -> list[tuple[float, int]]:
+        """(bucket start, pico-USD) of one agent's spend since `since`, from the rollups."""
+        rows = await self.fetch(
+            "SELECT bucket, cost_micro, cost_pico_rem FROM rollup_agent_15m"
+            " WHERE agent = ? AND bucket >= ?",
+            [agent, int(since)],
+        )
+        return [(float(b), exact_cost(micro, rem)) for b, micro, rem in rows]
+
     async def requests_by_agent_since(self, since: float) -> dict[str, int]:
         rows = await self.fetch(
             "SELECT agent, COUNT(*) FROM calls WHERE started_at >= ? AND refused = 0 "
@@ -417,11 +437,11 @@ class Storage(ABC):
     async def user_cost_since(self, agent: str, user: str, start: float, end: float) -> int:
         """What one end user of an agent spent in [start, end), from the call rows."""
         rows = await self.fetch(
-            "SELECT SUM(cost_pico) FROM calls WHERE agent = ? AND end_user = ?"
-            " AND started_at >= ? AND started_at < ?",
+            "SELECT SUM(cost_pico / 1000000), SUM(cost_pico % 1000000) FROM calls"
+            " WHERE agent = ? AND end_user = ? AND started_at >= ? AND started_at < ?",
             [agent, user, start, end],
         )
-        return int(rows[0][0] or 0) if rows else 0
+        return exact_cost(rows[0][0] or 0, rows[0][1] or 0) if rows else 0
 
     async def agents_since(self, since: int) -> list[str]:
         rows = await self.fetch(

@@ -267,6 +267,27 @@ def m007_call_dimensions(dialect: str) -> list[str]:
     ]
 
 
+def m008_runaways(dialect: str) -> list[str]:
+    """What runaway detection needs: rollups count dry-run refusals (so a report shows what
+    a shadow budget would have stopped), and intents get their outcome and the spend at
+    their last progress report. A table of its own: an outcome can arrive before the
+    rollups have seen the intent's first call."""
+    rollups = ("rollup_15m", "rollup_agent_15m", "rollup_model_15m", "rollup_upstream_15m")
+    return [
+        *(f"ALTER TABLE {t} ADD COLUMN shadowed BIGINT NOT NULL DEFAULT 0" for t in rollups),
+        """CREATE TABLE intent_outcomes (
+    agent TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    outcome TEXT,
+    outcome_at DOUBLE PRECISION,
+    source TEXT,
+    progress_at DOUBLE PRECISION,
+    progress_spent_pico BIGINT,
+    PRIMARY KEY (agent, intent)
+)""",
+    ]
+
+
 MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("001_calls", m001_calls),
     ("002_rollups", m002_rollups),
@@ -275,4 +296,5 @@ MIGRATIONS: list[tuple[str, Callable[[str], list[str]]]] = [
     ("005_exact_sums", m005_exact_sums),
     ("006_intents_per_agent", m006_intents_per_agent),
     ("007_call_dimensions", m007_call_dimensions),
+    ("008_runaways", m008_runaways),
 ]

@@ -375,8 +375,9 @@ class PostgresStorage(Storage):
     async def budget_counters(self, now: float) -> list[tuple[CounterKey, int, int]]:
         rows = await self.fetch(
             "SELECT scope, kind, window_start, window_end, used, reserved FROM budget_counters"
-            " WHERE window_end > ? AND scope NOT LIKE 'intent:%'",
-            [now],
+            " WHERE (window_end > ? OR (kind = 'cost:minute' AND window_end > ?))"
+            " AND (scope NOT LIKE 'intent:%' OR kind = 'cost:minute')",
+            [now, now - 3660],  # the last hour's minutes: spend rates read them
         )
         return [(CounterKey(r[0], r[1], r[2], r[3]), int(r[4]), int(r[5])) for r in rows]
 
@@ -429,6 +430,10 @@ class PostgresStorage(Storage):
             await conn.execute(
                 "DELETE FROM budget_counters WHERE window_end < $1 AND kind <> 'cost:life'",
                 horizon,
+            )
+            await conn.execute(
+                "DELETE FROM budget_counters WHERE kind = 'cost:minute' AND window_end < $1",
+                now - 7200,
             )
             # Intents idle that long: their lifetime spend stays in the ledger's intent
             # totals, where an admission finds it again (see budget_admit).

@@ -37,6 +37,7 @@ SUMS = (
     "cost_micro",
     "cost_pico_rem",
     "unpriced",
+    "shadowed",  # calls a dry-run (shadow) limit would have refused; since migration 008
 )
 COST_MICRO = "COALESCE(cost_pico, 0) / 1000000"
 COST_REM = "COALESCE(cost_pico, 0) % 1000000"
@@ -53,6 +54,7 @@ CALL_SUMS = (
     f"SUM({COST_MICRO})",
     f"SUM({COST_REM})",
     "SUM(CASE WHEN cost_pico IS NULL AND llm_calls > 0 THEN 1 ELSE 0 END)",
+    "SUM(CASE WHEN shadow_limit IS NOT NULL THEN 1 ELSE 0 END)",
 )
 assert len(CALL_SUMS) == len(SUMS)
 KEY_EXPRESSIONS = {
