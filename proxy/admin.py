@@ -7,98 +7,27 @@ time; without a token in the config the admin API is off and says so.
 from __future__ import annotations
 
 import difflib
-import hmac
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from proxy.admin_base import admin, agent_of, json_response, read_json
+from proxy.admin_outcomes import add_outcome_routes
 from proxy.admission import intent_key
 from proxy.budget_views import known_agents, status
-from proxy.errors import UNAVAILABLE_ERROR, ProxyFault
+from proxy.errors import ProxyFault
 from proxy.heartbeat import heartbeat
-from proxy.ids import IdError, validate_id
 from proxy.money import usd_exact
 from proxy.policy import COST_WINDOWS, INTENT_COST_LIMIT, validate_policy_json
 from proxy.reports import ReportError, parse_time, spend_report
 from proxy.schema import FieldError
-from proxy.services import SERVICES, Services
-from proxy.storage.base import IntentRow, StorageUnavailable
+from proxy.services import Services
+from proxy.storage.base import IntentRow
 
 log = logging.getLogger("meterproxy.admin")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def authorize(request: web.Request) -> Services:
-    svc = request.app[SERVICES]
-    token = svc.config.admin_token
-    if token is None:
-        raise ProxyFault(
-            403,
-            "admin_disabled",
-            "meterproxy: the admin API is off; set admin.token in the config file to turn it on",
-        )
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    presented = presented.strip()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
-        log.warning(
-            "admin: refused %s %s from %s (%s)",
-            request.method,
-            request.path,
-            request.remote,
-            "no bearer token" if not presented else "wrong token",
-        )
-        raise ProxyFault(
-            401,
-            "invalid_admin_token",
-            "meterproxy: this endpoint needs 'Authorization: Bearer <admin token>'",
-        )
-    return svc
-
-
-def admin(handler: Callable[[web.Request, Services], Awaitable[web.StreamResponse]]) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request, authorize(request))
-        except ProxyFault as fault:
-            return fault.response()
-        except StorageUnavailable as e:
-            return ProxyFault(
-                503,
-                UNAVAILABLE_ERROR,
-                f"meterproxy: the database cannot be reached ({e}); try again when it is back",
-                type_=UNAVAILABLE_ERROR,
-                headers={"Retry-After": "5"},
-            ).response()
-
-    return wrapped
-
-
-def _agent(request: web.Request) -> str:
-    agent = request.match_info["agent"]
-    try:
-        return validate_id(agent, "agent")
-    except IdError as e:
-        raise ProxyFault(400, "invalid_agent_id", f"meterproxy: {e.reason}") from None
-
-
-async def _body(request: web.Request, *, optional: bool = False) -> Any:
-    raw = await request.read()
-    if not raw.strip() and optional:
-        return {}
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise ProxyFault(
-            400, "invalid_json", f"meterproxy: the body is not valid JSON ({e})"
-        ) from None
 
 
 @admin
@@ -121,13 +50,13 @@ async def list_agents(request: web.Request, svc: Services) -> web.StreamResponse
 
 @admin
 async def get_agent(request: web.Request, svc: Services) -> web.StreamResponse:
-    return json_response(status(svc.enforcer, _agent(request), svc.clock()))
+    return json_response(status(svc.enforcer, agent_of(request), svc.clock()))
 
 
 @admin
 async def put_policy(request: web.Request, svc: Services) -> web.StreamResponse:
-    agent = _agent(request)
-    data = await _body(request)
+    agent = agent_of(request)
+    data = await read_json(request)
     try:
         policy = validate_policy_json(data)
     except FieldError as e:
@@ -144,7 +73,7 @@ async def put_policy(request: web.Request, svc: Services) -> web.StreamResponse:
 
 @admin
 async def delete_policy(request: web.Request, svc: Services) -> web.StreamResponse:
-    agent = _agent(request)
+    agent = agent_of(request)
     removed = await svc.storage.delete_policy(agent)
     api = dict(svc.enforcer.policies.api)
     removed = api.pop(agent, None) is not None or removed
@@ -175,8 +104,8 @@ async def _known_or_refuse(svc: Services, agent: str) -> None:
 
 @admin
 async def pause_agent(request: web.Request, svc: Services) -> web.StreamResponse:
-    agent = _agent(request)
-    data = await _body(request, optional=True)
+    agent = agent_of(request)
+    data = await read_json(request, optional=True)
     reason = data.get("reason") if isinstance(data, dict) else None
     if reason is not None and not isinstance(reason, str):
         raise ProxyFault(
@@ -196,7 +125,7 @@ async def pause_agent(request: web.Request, svc: Services) -> web.StreamResponse
 
 @admin
 async def resume_agent(request: web.Request, svc: Services) -> web.StreamResponse:
-    agent = _agent(request)
+    agent = agent_of(request)
     now = svc.clock()
     was_paused = await svc.enforcer.resume(agent, now)
     log.warning("admin: agent '%s' resumed%s", agent, "" if was_paused else " (was not paused)")
@@ -362,6 +291,7 @@ def add_admin_routes(app: web.Application) -> None:
     r.add_get("/meter/intents/{intent}", get_intent)
     r.add_get("/meter/agents/{agent}/intents/{intent}", get_intent)
     r.add_get("/meter/spend", get_spend)
+    add_outcome_routes(r)
     r.add_get("/meter/calls", recent_calls)
     r.add_post("/meter/heartbeat", heartbeat)
     r.add_get("/meter/dashboard", dashboard)

@@ -14,13 +14,13 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from proxy.money import usd_sig
 from proxy.policy import (
     COST_LIMITS,
     COST_WINDOWS,
     INTENT_COST_LIMIT,
     INTENT_LIMITS,
     LOOP_CODE,
+    PROGRESS_LIMIT,
     REFUSING,
     REQUESTS_LIMIT,
     Action,
@@ -32,6 +32,7 @@ from proxy.windows import Calendar
 
 GLOBAL = "global"
 LIFETIME = (0.0, 1e18)  # the "window" of an intent's lifetime counter
+MINUTE_KIND = "cost:minute"  # per-minute spend, for spend rates (see proxy.spend_rate)
 _SEP = "\x1f"  # ids cannot contain control characters (proxy.ids): a safe separator
 
 
@@ -84,6 +85,9 @@ class Plan:
     loop_policy: Policy | None  # whose loop guard applies (the agent's own, else global)
     refuses: bool  # some limit blocks or pauses (what fail-closed protects)
     user_scope: str | None = None  # an end user's limits apply: their counters' scope
+    rates: bool = False  # a spend-rate breaker applies
+    rate_per_intent: bool = False  # ...per intent: the intent's minute counters are kept
+    progress: bool = False  # a limit on spend without progress applies
 
 
 def make_plan(policies: PolicySet, agent: str, user: str | None = None) -> Plan:
@@ -110,6 +114,12 @@ def make_plan(policies: PolicySet, agent: str, user: str | None = None) -> Plan:
         loop,
         any(a.policy.refuses for a in applicable),
         scope_of_user,
+        any(a.policy.spend_rate is not None for a in applicable),
+        any(
+            a.policy.spend_rate is not None and a.policy.spend_rate.per == "intent"
+            for a in applicable
+        ),
+        any(a.policy.cost_without_progress is not None for a in applicable),
     )
 
 
@@ -128,6 +138,7 @@ class Limit:
     action: Action
     key: CounterKey
     new_only: bool = False  # counts a new intent: applies only when the intent is new
+    offset: int = 0  # spend on the counter that this limit does not count (progress)
 
     @property
     def resets_at(self) -> float | None:
@@ -178,11 +189,23 @@ class Admission:
         return keys + [k for k in self.spend_keys if k not in seen]
 
 
+def minute_key(scope: str, at: float) -> CounterKey:
+    start = float(math.floor(at / 60) * 60)
+    return CounterKey(scope, MINUTE_KIND, start, start + 60)
+
+
 def spend_keys(
-    agent: str, intent: str | None, calendar: Calendar, at: float, user_scope: str | None = None
+    agent: str,
+    intent: str | None,
+    calendar: Calendar,
+    at: float,
+    user_scope: str | None = None,
+    intent_minutes: bool = False,
 ) -> list[CounterKey]:
-    """Every counter a call's cost goes to, limited or not (views show them all). An end
-    user's counters exist only while limits apply to them: customers can be many."""
+    """Every counter a call's cost goes to, limited or not (views show them all): the
+    calendar windows, and the minute counters spend rates read. An end user's counters
+    exist only while limits apply to them (customers can be many), an intent's minute
+    counters only while a per-intent rate applies."""
     scopes = (agent_scope(agent), GLOBAL) if user_scope is None else (
         agent_scope(agent), GLOBAL, user_scope)  # fmt: skip
     keys = [
@@ -190,6 +213,9 @@ def spend_keys(
         for scope in scopes
         for window in COST_WINDOWS
     ]
+    keys += [minute_key(agent_scope(agent), at), minute_key(GLOBAL, at)]
+    if intent_minutes and intent is not None:
+        keys.append(minute_key(intent_scope(agent, intent), at))
     if intent is not None:
         keys.append(intent_key(agent, intent))
     return keys
@@ -204,10 +230,12 @@ def plan_limits(
     *,
     counting: bool = True,
     views: bool = False,
+    progress_mark: int = 0,
 ) -> list[Limit]:
     """The limits that apply to a call of `agent` (under `intent`). `counting=False`
     leaves out the count limits (an extension of an admitted call, a standing check);
-    `views=True` includes intent counts even without an intent (a status page)."""
+    `views=True` includes intent counts even without an intent (a status page).
+    `progress_mark`: what the intent had spent at its last progress report."""
     out = []
     for app in plan.applicable:
         policy, action = app.policy, app.policy.action
@@ -230,6 +258,12 @@ def plan_limits(
         if intent is not None and policy.cost_per_intent is not None:
             out.append(Limit("intent", intent, INTENT_COST_LIMIT, True, policy.cost_per_intent,
                              action, intent_key(agent, intent)))  # fmt: skip
+        if intent is not None and policy.cost_without_progress is not None:
+            # The same lifetime counter, its limit moved up by what was spent before the
+            # last progress: the store checks it atomically like any other.
+            out.append(Limit("intent", intent, PROGRESS_LIMIT, True,
+                             policy.cost_without_progress + progress_mark, action,
+                             intent_key(agent, intent), offset=progress_mark))  # fmt: skip
     return out
 
 
@@ -244,13 +278,15 @@ def plan_admission(
     *,
     counting: bool = True,
     free: bool = False,
+    progress_mark: int = 0,
 ) -> Admission:
     """The demands of one call: each limit's counter gets what the call adds (its cost
     reserved, or 1), capped at what the limit allows when the limit blocks or pauses.
     `counting=False`: an extension of an admitted call, or a standing check. `free`: a
     call that cannot spend (listing models, retrieving a result): money limits do not
     stop it, count limits and pauses do."""
-    limits = plan_limits(plan, agent, intent, calendar, now, counting=counting)
+    limits = plan_limits(plan, agent, intent, calendar, now, counting=counting,
+                         progress_mark=progress_mark)  # fmt: skip
     if free:
         limits = [lim for lim in limits if not lim.money]
     adds: dict[CounterKey, tuple[int, int, bool]] = {}
@@ -277,7 +313,8 @@ def plan_admission(
         blocking = guard.max_identical_requests if guard_policy.refuses else None
         loop = LoopSpec(intent or "", digest, now - guard.window_seconds, blocking, guard_policy)
     return Admission(agent, intent, amount, now, demands, limits,
-                     spend_keys(agent, intent, calendar, now, plan.user_scope), loop)  # fmt: skip
+                     spend_keys(agent, intent, calendar, now, plan.user_scope,
+                                plan.rate_per_intent), loop)  # fmt: skip
 
 
 # -- the decision ------------------------------------------------------------------------------
@@ -308,6 +345,8 @@ class Check:
     amount: int  # what this call adds: its cost, or 1
     action: str
     resets_at: float | None  # None: lifetime (intent)
+    note: str | None = None  # what the numbers mean, for limits they do not explain
+    offset: int = 0  # spend not counted against the limit (before the last progress)
 
     @property
     def remaining(self) -> int:
@@ -325,7 +364,8 @@ def checks(adm: Admission, outcome: Outcome) -> list[Check]:
             continue
         used, reserved = outcome.before.get(lim.key, (0, 0))
         out.append(Check(lim.scope, lim.subject, lim.name, lim.money, lim.value, used, reserved,
-                         adm.amount if lim.money else 1, lim.action, lim.resets_at))  # fmt: skip
+                         adm.amount if lim.money else 1, lim.action, lim.resets_at,
+                         offset=lim.offset))  # fmt: skip
     if adm.loop is not None and (guard := adm.loop.policy.loop_guard) is not None:
         out.append(Check("agent", adm.agent, LOOP_CODE, False, guard.max_identical_requests,
                          outcome.loop_seen, 0, 1, adm.loop.policy.action,
@@ -368,68 +408,3 @@ def decide_breached(breached: Sequence[Check], outcome: Outcome) -> Decision:
         return Decision(False, paused=True, alerts=alerts, shadows=shadows)
     refusal = decisive(breached)
     return Decision(outcome.ok and refusal is None, refusal, False, alerts, shadows)
-
-
-# -- the words of a refusal --------------------------------------------------------------------
-
-
-def _describe_scope(check: Check) -> str:
-    if check.scope == GLOBAL:
-        return "all agents together"
-    if check.scope == "user":
-        return f"end user '{check.subject}'"
-    return f"{check.scope} '{check.subject}'"
-
-
-def _amounts(check: Check, *values: int) -> list[str]:
-    """Amounts as a person can tell apart: enough significant digits, in one format."""
-    if not check.money:
-        return [str(v) for v in values]
-    return [f"${s}" for s in usd_sig(*values)]
-
-
-def refusal_message(check: Check, calendar: Calendar, now: float) -> str:
-    if check.limit == LOOP_CODE:
-        return (
-            f"agent '{check.subject}' sent the same request {check.used + 1} times within the"
-            f" loop guard's window (limit {check.limit_value}): this looks like a runaway loop"
-        )
-    left = max(check.remaining, 0)
-    used, limit, reserved, amount, remains = _amounts(
-        check, check.used, check.limit_value, check.reserved, check.amount, left
-    )
-    parts = [f"{_describe_scope(check)} reached {check.limit}: used {used} of {limit}"]
-    if check.reserved:
-        parts.append(f" ({reserved} reserved by calls in flight)")
-    if check.money and check.amount:
-        parts.append(f"; this call could cost up to {amount} but only {remains} remains")
-    if check.resets_at is None:
-        parts.append("; this limit is for the intent's lifetime and does not reset")
-    else:
-        wait = max(int(check.resets_at - now), 0)
-        parts.append(f"; resets at {calendar.iso(check.resets_at)} (in {duration(wait)})")
-    return "".join(parts)
-
-
-def pause_reason(check: Check, calendar: Calendar, now: float) -> str:
-    used, limit = _amounts(check, check.used, check.limit_value)
-    return (
-        f"breached {check.limit} at {calendar.iso(now)}: {_describe_scope(check)} used"
-        f" {used} of {limit}"
-    )
-
-
-def retry_after(check: Check, now: float) -> int | None:
-    if check.resets_at is None or check.action == "pause":
-        return None
-    return max(math.ceil(check.resets_at - now), 1)
-
-
-def duration(seconds: int) -> str:
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"

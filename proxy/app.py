@@ -16,7 +16,8 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from proxy import budget_sync
-from proxy.admin import add_admin_routes, authorize
+from proxy.admin import add_admin_routes
+from proxy.admin_base import authorize
 from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
 from proxy.calllog import CallSink
@@ -29,6 +30,7 @@ from proxy.handler import proxy_handler
 from proxy.history import ChainBook, OutputHistory
 from proxy.ledger import LedgerWriter
 from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.outcomes import ProgressBook
 from proxy.pg_counters import PgCounters
 from proxy.policy import validate_policy_json
 from proxy.pricing import PriceTable, load_price_table
@@ -36,6 +38,7 @@ from proxy.reload import Reloader
 from proxy.schema import FieldError
 from proxy.security import cors_prepare, security_middleware
 from proxy.services import SERVICES, Services
+from proxy.spend_rate import Baselines, RateWatch
 from proxy.spool import Spool
 from proxy.storage import Storage, StorageError, open_storage
 from proxy.storage.postgres import PostgresStorage
@@ -151,10 +154,17 @@ def _services_ctx(
             spool = Spool(config.spool_dir, store.replica)
         else:
             store = MemoryCounters(storage)
-        enforcer = Enforcer(calendar, policies, bus, store, config.alerts.thresholds,
-                            on_error=config.on_storage_error)  # fmt: skip
+        shared = isinstance(store, PgCounters)
+        enforcer = Enforcer(
+            calendar, policies, bus, store, config.alerts.thresholds,
+            on_error=config.on_storage_error,
+            rates=RateWatch(Baselines(storage.rollup_buckets, calendar)),
+            # With replicas, progress may be reported through another one: read again.
+            progress=ProgressBook(storage, ttl=5.0 if shared else None),
+            runway_seconds=config.alerts.runway_seconds,
+        )  # fmt: skip
         if isinstance(store, PgCounters):
-            store.user_limited = enforcer.user_limited
+            store.plan_for = enforcer.plan
             await budget_sync.refresh(enforcer, store, clock())
         else:
             await store.load(storage, calendar, clock())  # open_storage synced the rollups

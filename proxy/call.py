@@ -29,6 +29,8 @@ from proxy.counters import Ticket
 from proxy.enforcer import Refusal
 from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
 from proxy.faults import Stage, classify
+from proxy.outcomes import HEADER as OUTCOME_HEADER
+from proxy.outcomes import OUTCOMES, parse_outcome
 from proxy.paths import raw_tail
 from proxy.pricing import ModelPrice
 from proxy.records import new_record
@@ -83,6 +85,7 @@ class Call:
         self.route: Route | None = None
         self.upstream: Upstream | None = None
         self.ticket: Ticket | None = None
+        self.outcome: str | None = None  # X-Intent-Outcome: this call closes its intent
         self.reservation: Reservation | None = None
         self.stream_budget: StreamBudget | None = None
         self.meter: StreamMeter | None = None
@@ -225,6 +228,17 @@ class Call:
             raise
         rec.agent, rec.intent = caller.agent, caller.intent
         rec.tags = parse_tags(request.headers.get(config.tags_header), config.tags_header)
+        outcome = request.headers.get(OUTCOME_HEADER)
+        if outcome is not None:
+            self.outcome = parse_outcome(outcome)
+            if self.outcome is None or rec.intent is None:
+                raise ProxyFault(
+                    400, "invalid_outcome",
+                    f"header {OUTCOME_HEADER}: {outcome[:40]!r} closes the call's intent with"
+                    f" one of {', '.join(OUTCOMES)}, and needs {config.intent_header}"
+                    " to name the intent",
+                    param=OUTCOME_HEADER,
+                )  # fmt: skip
 
     def _end_user(self) -> None:
         config = self.svc.config
@@ -309,6 +323,7 @@ class Call:
         if isinstance(admitted, Refusal):
             raise budget_fault(admitted)
         self.ticket = admitted
+        rec.shadow_limit = admitted.shadow
         self.phase = Phase.ADMITTED
         rec.reserved_pico = amount
         res = self.reservation
@@ -583,7 +598,12 @@ class Call:
 
     def _observe(self) -> None:
         forwarded = self.timings.sent is not None
-        self.svc.after_call(self.record, self.timings.upstream_seconds, forwarded)
+        rec = self.record
+        self.svc.after_call(rec, self.timings.upstream_seconds, forwarded)
+        if self.outcome is not None and rec.intent is not None:
+            closing = self.svc.close_intent(rec.agent, rec.intent, self.outcome, "header",
+                                            rec.ended_at)  # fmt: skip
+            self.svc.chore(closing, "recording an intent's outcome")
 
     def _record_abnormal(self) -> None:
         rec = self.record

@@ -151,6 +151,18 @@ async def _report(config: Config, args: argparse.Namespace) -> int:
     except ReportError as e:
         return _fail(str(e))
     storage = await open_storage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
+    if args.outcomes:
+        from proxy.outcomes import outcome_report
+
+        try:
+            outcomes = await outcome_report(storage, args.by, since, until, args.agent)
+        except ReportError as e:
+            return _fail(str(e))
+        finally:
+            await storage.close()
+        print(json.dumps(outcomes.to_json(), indent=2) if args.format == "json"
+              else outcomes.to_csv() if args.format == "csv" else outcomes.to_table())  # fmt: skip
+        return 0
     try:
         report = await spend_report(
             storage, calendar, by=args.by, window=args.window, since=since, until=until,
@@ -295,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until")
     p.add_argument("--agent")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--outcomes", action="store_true",
+                   help="intents by outcome, cost per success (--by agent|model)")  # fmt: skip
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("price", help="what a call would cost")

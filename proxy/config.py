@@ -98,6 +98,9 @@ class AlertsConfig:
     queue_size: int = 1000
     repeat_seconds: float = 300.0  # a repeating refusal alerts at most once per interval
     upstream_failures: int = 5  # consecutive failed calls that make an upstream "failing"
+    # A limit projected to run out (at the last 15 minutes' rate) sooner than this, and
+    # before its window resets, raises a `budget_runway` event: once per limit and window.
+    runway_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)

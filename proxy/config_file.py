@@ -334,7 +334,14 @@ def _user_key(top: Section) -> Callable[[str], str]:
 def _alerts(top: Section) -> dict[str, Any]:
     alerts = top.section("alerts")
     alerts.check_unknown(
-        ("webhooks", "thresholds", "queue_size", "repeat_seconds", "upstream_failures")
+        (
+            "webhooks",
+            "thresholds",
+            "queue_size",
+            "repeat_seconds",
+            "upstream_failures",
+            "runway_seconds",
+        )
     )
     webhooks = []
     for i, item in enumerate(alerts.sequence("webhooks")):
@@ -357,6 +364,7 @@ def _alerts(top: Section) -> dict[str, Any]:
             queue_size=alerts.integer("queue_size", 1000, min=1),
             repeat_seconds=alerts.number("repeat_seconds", 300.0, min=0),
             upstream_failures=alerts.integer("upstream_failures", 5, min=1),
+            runway_seconds=alerts.number("runway_seconds", 3600.0, min=0, max=31 * 86400),
         )
     }
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from proxy.admission import GLOBAL, Admission, Outcome, agent_scope, split_scope
+from proxy.admission import GLOBAL, MINUTE_KIND, Admission, Outcome, agent_scope, split_scope
 from proxy.policy import COST_WINDOWS, INTENT_WINDOWS
 from proxy.storage import Storage
 from proxy.storage.base import CounterKey
@@ -40,6 +40,7 @@ class Ticket:
     lease: str | None = None  # shared budgets: the reservation's id in the database
     settled: bool = False
     user: str | None = None  # the end user whose limits it was admitted under
+    shadow: str | None = None  # a dry-run limit that would have refused it
 
 
 class CounterStore(Protocol):
@@ -137,6 +138,11 @@ class MemoryCounters:
         self.values[CounterKey(GLOBAL, "requests:minute", start, end)] = [
             sum(requests.values()), 0
         ]  # fmt: skip
+        for agent, start, cost in await storage.cost_by_minute_since(now - 3600):
+            for scope in (agent_scope(agent), GLOBAL):
+                value = self.values.setdefault(CounterKey(scope, MINUTE_KIND, start, start + 60),
+                                               [0, 0])  # fmt: skip
+                value[0] += cost
         self._paused = await storage.paused_agents()
 
     async def prepare(self, adm: Admission) -> None:
@@ -244,9 +250,13 @@ class MemoryCounters:
                 del self.loops[key]
 
     def prune(self, now: float) -> None:
-        """Drop counters of windows that ended a day ago and hold no reservation."""
-        horizon = now - 86400
-        for key in [k for k, v in self.values.items() if k.end < horizon and v[1] == 0]:
+        """Drop counters of windows that ended a day ago (minute counters: two hours ago)
+        and hold no reservation."""
+        horizon, minutes = now - 86400, now - 7200
+        for key in [
+            k for k, v in self.values.items()
+            if v[1] == 0 and (k.end < horizon or (k.kind == MINUTE_KIND and k.end < minutes))
+        ]:  # fmt: skip
             del self.values[key]
 
     async def extend(self, ticket: Ticket, adm: Admission) -> Outcome:

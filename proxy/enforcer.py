@@ -17,25 +17,28 @@ from typing import Any
 
 from proxy import events
 from proxy.admission import (
+    GLOBAL,
     Admission,
     Check,
     Decision,
+    Limit,
     Plan,
     agent_scope,
     checks,
     decide,
     decide_breached,
+    intent_key,
     make_plan,
-    pause_reason,
     plan_admission,
     plan_limits,
-    refusal_message,
-    retry_after,
     spend_keys,
 )
 from proxy.counters import CounterStore, MemoryCounters, Ticket
-from proxy.money import usd_exact
+from proxy.money import usd_exact, usd_sig
+from proxy.outcomes import ProgressBook
 from proxy.policy import LOOP_CODE, PAUSED_CODE, REFUSING, PolicySet
+from proxy.refusals import pause_reason, refusal_message, retry_after
+from proxy.spend_rate import Baselines, RateWatch, runway, runway_text
 from proxy.storage.base import CounterKey, StorageUnavailable
 from proxy.windows import Calendar
 
@@ -83,8 +86,14 @@ class Enforcer:
         thresholds: tuple[float, ...] = (0.5, 0.8, 1.0),
         *,
         on_error: str = "closed",
+        rates: RateWatch | None = None,
+        progress: ProgressBook | None = None,
+        runway_seconds: float = 3600.0,
     ) -> None:
         self.calendar = calendar
+        self.rates = rates if rates is not None else RateWatch(Baselines(None, calendar))
+        self.progress = progress if progress is not None else ProgressBook(None)
+        self.runway_seconds = runway_seconds  # alert when a limit runs out sooner than this
         self._plans: dict[tuple[str, str | None], Plan] = {}
         self.policies = policies
         self.bus = bus
@@ -167,7 +176,9 @@ class Enforcer:
         user: str | None = None,  # the agent's end user the call is for
     ) -> Ticket | Refusal:
         plan = self.plan(agent, user)
-        adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest, free=free)
+        mark = await self._mark(plan, agent, intent, now)
+        adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest, free=free,
+                             progress_mark=mark)  # fmt: skip
         if self.store.shared:
             if call_id is None:
                 # The row's commit releases the lease it names: any other name would hold
@@ -177,15 +188,19 @@ class Enforcer:
                 return self._offline(plan, adm, None)
         try:
             await self.store.prepare(adm)
+            if plan.rates:
+                await self.rates.prepare(plan, agent, now)
             outcome = await self.store.admit(adm, call_id or "")
         except StorageUnavailable as e:
             return self._offline(plan, adm, e)
         self._back_online()
-        decision = decide(adm, outcome)
+        extra = list(self.rates.checks(plan, self.store, agent, intent, now)) if plan.rates else []
+        decision = decide(adm, outcome, extra)
         ticket = None
         if outcome.ok:
             ticket = Ticket(agent, intent, amount, self.store.ticket_keys(adm), adm.spend_keys,
                             user=user)  # fmt: skip
+            ticket.shadow = decision.shadows[0].limit if decision.shadows else None
             if self.store.shared and amount and ticket.keys:
                 ticket.lease = call_id
             self.outstanding += 1
@@ -230,6 +245,26 @@ class Enforcer:
             self.bus.emit(events.Event(events.PAUSED, message, now, agent, check_data(check)))
         self.bus.emit(events.Event(events.REFUSED, message, now, agent, check_data(check)))
         return Refusal(check.limit, message, check, retry_after(check, now))
+
+    async def _mark(self, plan: Plan, agent: str, intent: str | None, now: float) -> int:
+        """What the intent had spent at its last progress report, when a limit needs it."""
+        if not plan.progress or intent is None:
+            return 0
+        try:
+            return await self.progress.mark(agent, intent, now)
+        except StorageUnavailable:
+            return 0  # the limit then counts from the intent's start: it refuses early
+
+    async def record_progress(self, agent: str, intent: str, now: float) -> int:
+        """The intent reported progress: what it spent until now no longer counts toward
+        max_cost_per_intent_without_progress_usd. Returns that spend."""
+        key = intent_key(agent, intent)
+        if self.store.holds(key):
+            spent = self.store.value(key)[0]
+        else:  # not in this process's view (a restart, another replica): the ledger's total
+            spent = await self.progress.spent(agent, intent)
+        await self.progress.progressed(agent, intent, spent, now)
+        return spent
 
     def _paused_refusal(self, agent: str) -> Refusal:
         reason = self.store.paused.get(agent)
@@ -338,8 +373,11 @@ class Enforcer:
         """Whether the agent may go on spending (a heartbeat's answer): None when it may.
         A cost limit with nothing left refuses; a `pause` limit reached pauses the agent."""
         plan = self.plan(agent)
-        adm = plan_admission(plan, agent, intent, 0, self.calendar, now, counting=False)
+        mark = await self._mark(plan, agent, intent, now)
+        adm = plan_admission(plan, agent, intent, 0, self.calendar, now, counting=False,
+                             progress_mark=mark)  # fmt: skip
         try:
+            await self.store.prepare(adm)
             outcome = await self.store.read(adm)
         except StorageUnavailable as e:
             offline = self._offline(plan, adm, e)
@@ -353,6 +391,10 @@ class Enforcer:
         spent = [
             c for c in checks(adm, outcome) if c.money and c.used + c.reserved >= c.limit_value
         ]
+        if plan.rates:
+            await self.rates.prepare(plan, agent, now)
+            spent += [c for c in self.rates.checks(plan, self.store, agent, intent, now)
+                      if c.breached]  # fmt: skip
         return await self._conclude(adm, decide_breached(spent, outcome), now)
 
     # -- thresholds ----------------------------------------------------------------------
@@ -377,6 +419,33 @@ class Enforcer:
                 self._fire_threshold(key, _threshold_event(lim.scope, lim.subject, lim.name,
                                                            used, lim.value, threshold,
                                                            lim.key.start, now, agent))  # fmt: skip
+            self._runway(lim, agent, now)
+
+    def _runway(self, lim: Limit, agent: str, now: float) -> None:
+        """A `budget_runway` event when the limit will run out, at the last 15 minutes'
+        rate, within alerts.runway_seconds and before it resets: once per window."""
+        if self.runway_seconds <= 0 or lim.scope not in ("agent", GLOBAL):
+            return
+        key = (lim.scope, lim.subject, lim.name, lim.key.start, "runway")
+        if key in self._fired:
+            return
+        used, reserved = self.store.value(lim.key)
+        left = max(lim.value - used - reserved, 0)
+        way = runway(self.store, lim.key.scope, left, now, lim.resets_at)
+        if way.seconds is None or not way.before_reset or way.seconds > self.runway_seconds:
+            return
+        self._fired.add(key)
+        who = "all agents" if lim.scope == GLOBAL else f"{lim.scope} '{lim.subject}'"
+        rate, remains, limit = usd_sig(way.rate_pico_per_minute, left, lim.value)
+        message = (f"{who} {runway_text(way.seconds)} of {lim.name} at the rate of the last 15"
+                   f" minutes (${rate}/min): ${remains} of ${limit} left; the window resets"
+                   f" at {self.calendar.iso(lim.key.end)}")  # fmt: skip
+        self._fire_threshold(key, events.Event(events.RUNWAY, message, now, agent, {
+            "scope": lim.scope, "subject": lim.subject, "limit": lim.name,
+            "runway_seconds": round(way.seconds), "rate_usd_per_minute": usd_exact(
+                way.rate_pico_per_minute), "remaining_usd": usd_exact(left),
+            "window_start": lim.key.start,
+        }))  # fmt: skip
 
     def _fire_threshold(self, key: tuple[Any, ...], event: events.Event) -> None:
         if not self.store.shared:

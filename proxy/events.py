@@ -21,6 +21,8 @@ PAUSED = "agent_paused"
 RESUMED = "agent_resumed"
 LOOP = "loop_detected"
 UPSTREAM_FAILING = "upstream_failing"
+RUNWAY = "budget_runway"  # a limit will run out soon at the current rate, before it resets
+INTENT_CLOSED = "intent_closed"  # an intent ended with an outcome (success, failure, ...)
 
 
 @dataclass(frozen=True, slots=True)

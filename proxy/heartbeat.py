@@ -10,6 +10,7 @@ whether the agent may go on (200) or not (429), with what remains of each limit.
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -21,10 +22,18 @@ from proxy.budget_views import status as budget_status
 from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
 from proxy.ids import IdError, validate_id
 from proxy.money import pico_to_usd, usd_exact, usd_to_pico
+from proxy.outcomes import OUTCOMES
 from proxy.records import CallRecord
-from proxy.schema import FieldError, Section
+from proxy.schema import MISSING, FieldError, Section
 from proxy.services import SERVICES, Services
 from proxy.usage import REPORTED
+
+# running (or the product note's "processing"): still at it; progress: it moved forward
+# (spend so far no longer counts toward max_cost_per_intent_without_progress_usd); an
+# outcome closes the intent. Anything else is refused: a typo such as "sucess" must not
+# leave an intent open without anyone noticing.
+RUNNING = ("running", "processing")
+STATUSES = (*RUNNING, "progress", *OUTCOMES)
 
 
 def _parse(
@@ -46,20 +55,27 @@ def _parse(
                 validate_id(value, name.split("_")[0])
             except IdError as e:
                 body.fail(name, e.reason)
-    body.string("status", None)
+    status = body.string("status", None)
+    if status is not None:
+        status = status.strip().lower()
+        if status not in STATUSES:
+            body.fail("status", f"must be one of {', '.join(STATUSES)}")
+        if status not in RUNNING and intent is None:
+            body.fail("status", f"'{status}' is about an intent: intent_id is required")
     metrics = body.section("metrics")
-    if not body.has("metrics"):
-        body.fail("metrics", "is required (an object with cost_usd)")
+    if not body.has("metrics") and status is None:
+        body.fail("metrics", "is required (an object with cost_usd), unless status is given")
     metrics.check_unknown(("cost_usd", "llm_calls", "tokens_in", "tokens_out"))
     cap = pico_to_usd(svc.config.heartbeat_max_cost_pico)
     try:
-        cost = metrics.usd("cost_usd", max=cap)
+        cost = metrics.usd("cost_usd", Decimal(0) if status is not None else MISSING, max=cap)
     except FieldError as e:
         if "at most" in e.reason:  # say which setting bounds it
             raise FieldError(e.key, e.value, f"{e.reason} per heartbeat (heartbeat.max_cost_usd)",
                              e.parts) from None  # fmt: skip
         raise
     values = {
+        "status": status,
         "cost": usd_to_pico(cost),
         "llm_calls": metrics.integer("llm_calls", 0, min=0, max=MAX_REPORTED_CALLS),
         "tokens_in": metrics.integer("tokens_in", 0, min=0, max=MAX_TOKENS),
@@ -123,6 +139,11 @@ async def heartbeat(request: web.Request) -> web.StreamResponse:
     )  # fmt: skip
     await svc.ledger.commit(record)
     svc.after_call(record)
+    status_ = m["status"]
+    if intent is not None and status_ == "progress":
+        await enforcer.record_progress(agent, intent, now)
+    elif intent is not None and status_ in OUTCOMES:
+        await svc.close_intent(agent, intent, status_, "heartbeat", now)
     refusal = await enforcer.standing(agent, intent, now)
     status = budget_status(enforcer, agent, now)
     answer: dict[str, Any] = {

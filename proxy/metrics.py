@@ -8,6 +8,7 @@ read from the enforcer at scrape time, not kept up to date per call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from proxy.budget_views import remaining
+from proxy.budget_views import cost_limits, left_of, runway_of
 from proxy.enforcer import Enforcer
 from proxy.records import CallRecord
 
@@ -61,9 +62,28 @@ class _State(Collector):
             "What remains of each cost limit (limit - spent - reserved), USD",
             labels=["scope", "agent", "limit"],
         )
-        for scope, agent, limit, left in remaining(enforcer, self.now()):
-            left_usd.add_metric([scope, agent, limit], left / PICO)
+        runways = GaugeMetricFamily(
+            "meterproxy_budget_runway_seconds",
+            "When each cost limit runs out at the spend rate of the last 15 minutes, seconds"
+            " from now (+Inf: nothing spent in that time)",
+            labels=["scope", "agent", "limit"],
+        )
+        rates = GaugeMetricFamily(
+            "meterproxy_spend_rate_usd_per_minute",
+            "Spend per minute over the last 15 minutes, per scope of each cost limit",
+            labels=["scope", "agent", "limit"],
+        )
+        now = self.now()
+        for agent, lim in cost_limits(enforcer, now):
+            labels = [lim.scope, agent, lim.name]
+            left_usd.add_metric(labels, left_of(enforcer, lim) / PICO)
+            way = runway_of(enforcer, lim, now)
+            if way is not None:
+                runways.add_metric(labels, way.seconds if way.seconds is not None else math.inf)
+                rates.add_metric(labels, way.rate_pico_per_minute / PICO)
         yield left_usd
+        yield runways
+        yield rates
         yield GaugeMetricFamily(
             "meterproxy_reservations_outstanding",
             "Admitted calls whose reservation is not settled yet",
@@ -99,6 +119,9 @@ class Metrics:
                                 ["agent", "model", "status"], registry=r)  # fmt: skip
         self.refusals = Counter("meterproxy_budget_refusals", "Calls refused, by limit",
                                 ["agent", "limit"], registry=r)  # fmt: skip
+        self.shadow = Counter("meterproxy_budget_shadow_refusals",
+                              "Calls a dry-run (shadow) limit would have refused; they went"
+                              " through", ["agent", "limit"], registry=r)  # fmt: skip
         self.heartbeats = Counter("meterproxy_heartbeats", "Heartbeats, by what became of them",
                                   ["result"], registry=r)  # fmt: skip
         self.overhead = Histogram(
@@ -146,6 +169,8 @@ class Metrics:
             limit = (record.error or "").split(":", 1)[0] or "unknown"
             self.refusals.labels(agent, limit).inc()
             return
+        if record.shadow_limit is not None:
+            self.shadow.labels(agent, record.shadow_limit).inc()
         cost, tokens = self._children(agent, model)
         if record.cost_pico:
             cost.inc(record.cost_pico / PICO)

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from proxy.admission import Admission, Outcome, spend_keys
+from proxy.admission import Admission, Outcome, Plan, spend_keys
 from proxy.counters import Ticket, agents_in
 from proxy.records import CallRecord
 from proxy.storage.base import CounterKey
@@ -43,9 +43,9 @@ class PgCounters:
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.values: dict[CounterKey, list[int]] = {}
         self._paused: dict[str, str | None] = {}
-        # The scope of an end user's counters while limits apply to them (the enforcer
-        # sets it: it knows the policies); their rows count there too.
-        self.user_limited: Callable[[str, str | None], str | None] = lambda agent, user: None
+        # What applies to an agent's calls (the enforcer sets it: it knows the policies):
+        # an end user's counters, an intent's minute counters, count there while it does.
+        self.plan_for: Callable[[str, str | None], Plan] | None = None
 
     @property
     def paused(self) -> dict[str, str | None]:
@@ -54,8 +54,11 @@ class PgCounters:
     def spend_keys(self, record: CallRecord) -> Sequence[CounterKey]:
         """The counters a committed row's cost goes to (the ledger writer passes them to
         `meterproxy_record`)."""
-        user = self.user_limited(record.agent, record.end_user)
-        return spend_keys(record.agent, record.intent, self.calendar, record.started_at, user)
+        plan = self.plan_for(record.agent, record.end_user) if self.plan_for else None
+        if plan is None:
+            return spend_keys(record.agent, record.intent, self.calendar, record.started_at)
+        return spend_keys(record.agent, record.intent, self.calendar, record.started_at,
+                          plan.user_scope, plan.rate_per_intent)  # fmt: skip
 
     # -- admission -------------------------------------------------------------------
 

@@ -27,14 +27,19 @@ COST_LIMITS = {
 INTENT_LIMITS = {"max_intents_per_hour": "hour", "max_intents_per_day": "day"}
 REQUESTS_LIMIT = "max_requests_per_minute"
 INTENT_COST_LIMIT = "max_cost_per_intent_usd"
+PROGRESS_LIMIT = "max_cost_per_intent_without_progress_usd"
+RATE_LIMIT = "max_spend_rate"
 POLICY_KEYS = (
     *COST_LIMITS,
     *INTENT_LIMITS,
     REQUESTS_LIMIT,
     INTENT_COST_LIMIT,
+    PROGRESS_LIMIT,
+    RATE_LIMIT,
     "action_on_breach",
     "loop_guard",
 )
+MAX_RATE_MINUTES = 60  # minute counters are kept this long
 COST_WINDOWS = ("hour", "day", "week", "month")
 INTENT_WINDOWS = ("hour", "day")
 LOOP_CODE = "loop_detected"
@@ -47,6 +52,19 @@ class LoopGuard:
     window_seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class SpendRate:
+    """Spend over the last `over_minutes` compared with a fixed rate, or with the agent's
+    own baseline (the median rate of this hour of the day over the last 7 days) times K,
+    never below a floor (an agent idle at this hour has a baseline of 0)."""
+
+    over_minutes: int
+    per: str  # "agent", or "intent": each of the agent's intents on its own
+    pico_per_minute: int | None = None
+    times_baseline: float | None = None
+    min_pico_per_minute: int = 0
+
+
 @dataclass(frozen=True)
 class Policy:
     cost: Mapping[str, int] = field(default_factory=dict)  # window -> pico-USD
@@ -55,11 +73,14 @@ class Policy:
     cost_per_intent: int | None = None
     action: Action = "block"
     loop_guard: LoopGuard | None = None
+    spend_rate: SpendRate | None = None
+    cost_without_progress: int | None = None  # per intent, since its last progress report
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def has_cost_limit(self) -> bool:
-        return bool(self.cost) or self.cost_per_intent is not None
+        return (bool(self.cost) or self.cost_per_intent is not None
+                or self.cost_without_progress is not None)  # fmt: skip
 
     @property
     def refuses(self) -> bool:
@@ -82,7 +103,7 @@ def parse_policy(section: Section, *, scope: str = "agent") -> Policy:
     if scope in ("global", "user") and action == "pause":
         section.fail("action_on_breach", f"pause applies to one agent; use block for {scope}")
     if scope == "user":
-        for key in (*INTENT_LIMITS, INTENT_COST_LIMIT, "loop_guard"):
+        for key in (*INTENT_LIMITS, INTENT_COST_LIMIT, PROGRESS_LIMIT, RATE_LIMIT, "loop_guard"):
             if section.has(key):
                 section.fail(key, "an end user's policy takes cost and request limits only"
                              " (intents and the loop guard are the agent's)")  # fmt: skip
@@ -95,6 +116,11 @@ def parse_policy(section: Section, *, scope: str = "agent") -> Policy:
             g.integer("max_identical_requests", min=1, max=MAX_COUNT),
             g.number("window_seconds", min=0.001, max=31 * 86400),
         )
+    without_progress = section.usd(PROGRESS_LIMIT, None, max=MAX_LIMIT_USD)
+    rate = parse_spend_rate(section.section(RATE_LIMIT)) if section.has(RATE_LIMIT) else None
+    if rate is not None and rate.times_baseline is not None and scope == "global":
+        section.fail(RATE_LIMIT, "times_baseline compares one agent with its own past; use"
+                     " usd_per_minute for global")  # fmt: skip
     source = {k: v for k, v in section.data.items() if v is not None}
     return Policy(
         cost=cost,
@@ -103,7 +129,35 @@ def parse_policy(section: Section, *, scope: str = "agent") -> Policy:
         cost_per_intent=usd_to_pico(per_intent) if per_intent is not None else None,
         action=action,
         loop_guard=guard,
+        spend_rate=rate,
+        cost_without_progress=usd_to_pico(without_progress)
+        if without_progress is not None
+        else None,
         source=source,
+    )
+
+
+def parse_spend_rate(section: Section) -> SpendRate:
+    section.check_unknown(
+        ("usd_per_minute", "times_baseline", "min_usd_per_minute", "over_minutes", "per")
+    )
+    fixed = section.usd("usd_per_minute", None, max=MAX_LIMIT_USD)
+    times = section.number("times_baseline", None, min=1, max=1000)
+    if (fixed is None) == (times is None):
+        section.fail("usd_per_minute", "give either usd_per_minute (a fixed rate) or"
+                     " times_baseline (relative to the agent's usual rate), not both")  # fmt: skip
+    floor = section.usd("min_usd_per_minute", None, max=MAX_LIMIT_USD)
+    if floor is not None and times is None:
+        section.fail("min_usd_per_minute", "is the floor of a times_baseline rate")
+    per = section.choice("per", ("agent", "intent"), "agent")
+    if per == "intent" and times is not None:
+        section.fail("per", "an intent has no past of its own: use usd_per_minute per intent")
+    return SpendRate(
+        over_minutes=section.integer("over_minutes", 10, min=1, max=MAX_RATE_MINUTES),
+        per=per,
+        pico_per_minute=usd_to_pico(fixed) if fixed is not None else None,
+        times_baseline=times,
+        min_pico_per_minute=usd_to_pico(floor) if floor is not None else 0,
     )
 
 

@@ -44,7 +44,8 @@ RULES: dict[str, str] = {
     "on_uncapped": LIVE, "clamp_share": LIVE, "unpriced": LIVE, "unknown_chain": LIVE,
     "background_max_seconds": LIVE, "policies": APPLIED,
     "alerts.webhooks": APPLIED, "alerts.thresholds": APPLIED, "alerts.repeat_seconds": APPLIED,
-    "alerts.upstream_failures": APPLIED, "alerts.queue_size": RESTART,
+    "alerts.upstream_failures": APPLIED, "alerts.runway_seconds": APPLIED,
+    "alerts.queue_size": RESTART,
     "heartbeat_enabled": LIVE, "heartbeat_max_cost_pico": LIVE,
 }  # fmt: skip
 # The names people write in the file, for the WARNING.

@@ -33,6 +33,7 @@ FIELDS = (
     "output_tokens",
     "reasoning_tokens",
     "cache_write_tokens",
+    "shadowed",
 )
 
 

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 from aiohttp import ClientSession, web
 
@@ -18,7 +19,7 @@ from proxy.background import BackgroundBook
 from proxy.calllog import CallSink, log_call
 from proxy.config import Config
 from proxy.enforcer import Enforcer
-from proxy.events import EventBus
+from proxy.events import INTENT_CLOSED, Event, EventBus
 from proxy.history import ChainBook, OutputHistory
 from proxy.ledger import LedgerWriter
 from proxy.metrics import Metrics
@@ -26,6 +27,7 @@ from proxy.observers import CallObserver
 from proxy.pricing import PriceTable
 from proxy.records import CallRecord
 from proxy.storage import Storage
+from proxy.storage.outcomes import set_outcome
 from proxy.tokens import TokenCounter
 
 
@@ -65,6 +67,7 @@ class Services:
     history: OutputHistory = field(default_factory=lambda: OutputHistory(None))
     chains: ChainBook = field(default_factory=lambda: ChainBook(None))
     background: BackgroundBook = field(init=False)
+    chores: set[asyncio.Task[None]] = field(default_factory=set)  # off-path writes in flight
 
     def __post_init__(self) -> None:
         self.background = BackgroundBook(self, self.clock)
@@ -89,6 +92,29 @@ class Services:
         for observer in self.observers:
             observer.call_ended(record, upstream_seconds, forwarded)
 
+    async def close_intent(
+        self, agent: str, intent: str, outcome: str, source: str, now: float
+    ) -> None:
+        """The intent ended with `outcome`: stored, and counted as progress."""
+        await self.enforcer.record_progress(agent, intent, now)
+        await set_outcome(self.storage, agent, intent, outcome, now, source)
+        self.bus.emit(Event(INTENT_CLOSED, f"intent '{intent}' of agent '{agent}': {outcome}",
+                            now, agent, {"intent": intent, "outcome": outcome,
+                                         "source": source}))  # fmt: skip
+
+    def chore(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        """Run `work` off the call's path; a failure is logged, never lost silently."""
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception as e:
+                logging.getLogger("meterproxy").error("%s failed: %s", what, e)
+
+        task = asyncio.ensure_future(run())
+        self.chores.add(task)
+        task.add_done_callback(self.chores.discard)
+
     def apply_config(self, config: Config) -> None:
         """Swap in a reloaded config. What is read at each use applies by itself; this
         rebuilds what was built from it (see `proxy.reload.RULES`)."""
@@ -98,6 +124,7 @@ class Services:
         enforcer.policies = config.policies.with_api(enforcer.policies.api)
         enforcer.thresholds = tuple(sorted(config.alerts.thresholds))
         enforcer.on_error = config.on_storage_error
+        enforcer.runway_seconds = config.alerts.runway_seconds
         self.ledger.commit_timeout = config.commit_timeout
         self.ledger.stall_seconds = config.stall_seconds
         if self.alerts is not None:

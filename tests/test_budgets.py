@@ -7,8 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.admission import Check, breaches, decisive, refusal_message
+from proxy.admission import Check, breaches, decisive
 from proxy.policy import parse_policy, validate_policy_json
+from proxy.refusals import refusal_message
 from proxy.schema import FieldError, Section
 from proxy.windows import Calendar
 

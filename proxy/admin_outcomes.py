@@ -1,0 +1,80 @@
+"""Outcomes over the admin API: close an intent with its outcome, and cost per outcome."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.admin_base import admin, json_response, read_json
+from proxy.errors import ProxyFault
+from proxy.ids import IdError, validate_id
+from proxy.outcomes import OUTCOMES, outcome_report, parse_outcome
+from proxy.reports import ReportError, parse_time
+from proxy.services import Services
+
+
+def _id(value: object, what: str, param: str) -> str:
+    if not isinstance(value, str):
+        raise ProxyFault(400, f"invalid_{what}_id", f"meterproxy: {param} must be a string",
+                         param=param)  # fmt: skip
+    try:
+        return validate_id(value, what)
+    except IdError as e:
+        raise ProxyFault(400, f"invalid_{what}_id", f"meterproxy: {param}: {e.reason}",
+                         param=param) from None  # fmt: skip
+
+
+async def _owner(svc: Services, intent: str) -> str:
+    """The agent whose intent this is, when only one agent used the id."""
+    await svc.storage.sync_rollups()
+    rows = await svc.storage.intents_named(intent)
+    if not rows:
+        raise ProxyFault(404, "unknown_intent", f"meterproxy: no calls recorded for intent"
+                         f" '{intent}'; name its agent to close it anyway")  # fmt: skip
+    if len(rows) > 1:
+        names = ", ".join(f"'{r.agent}'" for r in rows)
+        raise ProxyFault(409, "ambiguous_intent", f"meterproxy: agents {names} each have an"
+                         f" intent '{intent}'; say which with 'agent'")  # fmt: skip
+    return rows[0].agent
+
+
+@admin
+async def post_outcome(request: web.Request, svc: Services) -> web.StreamResponse:
+    intent = _id(request.match_info["intent"], "intent", "path")
+    data = await read_json(request)
+    if not isinstance(data, dict):
+        raise ProxyFault(400, "invalid_outcome", "meterproxy: send {'outcome': ...}")
+    outcome = parse_outcome(data.get("outcome"))
+    if outcome is None:
+        raise ProxyFault(400, "invalid_outcome", "meterproxy: outcome must be one of"
+                         f" {', '.join(OUTCOMES)}", param="outcome")  # fmt: skip
+    named = request.match_info.get("agent") or data.get("agent")
+    agent = _id(named, "agent", "agent") if named is not None else await _owner(svc, intent)
+    now = svc.clock()
+    await svc.close_intent(agent, intent, outcome, "api", now)
+    return json_response({"agent": agent, "intent": intent, "outcome": outcome,
+                          "at": svc.enforcer.calendar.iso(now)})  # fmt: skip
+
+
+@admin
+async def get_outcomes(request: web.Request, svc: Services) -> web.StreamResponse:
+    q = request.query
+    cal = svc.enforcer.calendar
+    now = svc.clock()
+    try:
+        report = await outcome_report(
+            svc.storage, q.get("by", "agent"),
+            parse_time(q["since"], cal, now, "since") if q.get("since") else None,
+            parse_time(q["until"], cal, now, "until") if q.get("until") else None,
+            q.get("agent") or None,
+        )  # fmt: skip
+    except ReportError as e:
+        raise ProxyFault(400, "invalid_query", f"meterproxy: {e}", param=e.param) from None
+    if q.get("format") == "csv":
+        return web.Response(text=report.to_csv(), content_type="text/csv")
+    return json_response(report.to_json())
+
+
+def add_outcome_routes(r: web.UrlDispatcher) -> None:
+    r.add_post("/meter/intents/{intent}/outcome", post_outcome)
+    r.add_post("/meter/agents/{agent}/intents/{intent}/outcome", post_outcome)
+    r.add_get("/meter/outcomes", get_outcomes)
