@@ -9,7 +9,6 @@ what happened on the event bus (refusals, alerts, pauses, thresholds). Read-only
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -17,11 +16,9 @@ from typing import Any
 
 from proxy import events
 from proxy.admission import (
-    GLOBAL,
     Admission,
     Check,
     Decision,
-    Limit,
     Plan,
     agent_scope,
     checks,
@@ -34,11 +31,12 @@ from proxy.admission import (
     spend_keys,
 )
 from proxy.counters import CounterStore, MemoryCounters, Ticket
-from proxy.money import usd_exact, usd_sig
+from proxy.crossings import Crossings
+from proxy.money import usd_exact
 from proxy.outcomes import ProgressBook
 from proxy.policy import LOOP_CODE, PAUSED_CODE, REFUSING, PolicySet
 from proxy.refusals import pause_reason, refusal_message, retry_after
-from proxy.spend_rate import Baselines, RateWatch, runway, runway_text
+from proxy.spend_rate import Baselines, RateWatch
 from proxy.storage.base import CounterKey, StorageUnavailable
 from proxy.windows import Calendar
 
@@ -46,7 +44,6 @@ log = logging.getLogger("meterproxy.budgets")
 UNAVAILABLE_CODE = "meter_unavailable"
 RETRY_SECONDS = 1.0  # after a failed connection, admissions skip the database this long
 _MAX_PLANS = 100_000
-_MAX_FIRED = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,15 +90,12 @@ class Enforcer:
         self.calendar = calendar
         self.rates = rates if rates is not None else RateWatch(Baselines(None, calendar))
         self.progress = progress if progress is not None else ProgressBook(None)
-        self.runway_seconds = runway_seconds  # alert when a limit runs out sooner than this
         self._plans: dict[tuple[str, str | None], Plan] = {}
         self.policies = policies
         self.bus = bus
         self.store: CounterStore = store if store is not None else MemoryCounters()
-        self.thresholds = tuple(sorted(thresholds))
+        self.crossings = Crossings(calendar, bus, thresholds, runway_seconds)
         self.on_error = on_error
-        self._fired: set[tuple[Any, ...]] = set()
-        self._claims: set[asyncio.Future[None]] = set()
         self.outstanding = 0  # tickets not yet settled
         self.outstanding_pico = 0
         self.database_down = False
@@ -360,14 +354,16 @@ class Enforcer:
                 ticket.agent, usd_exact(cost), usd_exact(ticket.amount),
             )  # fmt: skip
         if cost:
-            self._crossings(ticket.agent, ticket.intent, now)
+            self.crossings.after_spend(
+                self.store, self.plan(ticket.agent), ticket.agent, ticket.intent, now
+            )
 
     async def add_reported(self, agent: str, intent: str | None, cost: int, now: float) -> None:
         """Spend reported out of band (heartbeat): no reservation, counted at once. (Shared
         budgets count it in the database with the heartbeat's row.)"""
         self.store.add_spend(spend_keys(agent, intent, self.calendar, now), cost)
         if cost:
-            self._crossings(agent, intent, now)
+            self.crossings.after_spend(self.store, self.plan(agent), agent, intent, now)
 
     async def standing(self, agent: str, intent: str | None, now: float) -> Refusal | None:
         """Whether the agent may go on spending (a heartbeat's answer): None when it may.
@@ -397,74 +393,6 @@ class Enforcer:
                       if c.breached]  # fmt: skip
         return await self._conclude(adm, decide_breached(spent, outcome), now)
 
-    # -- thresholds ----------------------------------------------------------------------
-
-    def _crossings(self, agent: str, intent: str | None, now: float) -> None:
-        """Threshold events: once per limit, window and threshold."""
-        plan = self.plan(agent)
-        adm = plan_admission(plan, agent, intent, 0, self.calendar, now, counting=False)
-        for lim in adm.limits:
-            if not lim.money or lim.value <= 0:
-                continue
-            used = self.store.value(lim.key)[0]
-            for threshold in self.thresholds:
-                if used < threshold * lim.value:
-                    break
-                key = (lim.scope, lim.subject, lim.name, lim.key.start, threshold)
-                if key in self._fired:
-                    continue
-                self._fired.add(key)
-                if len(self._fired) > _MAX_FIRED:
-                    self._fired = {k for k in self._fired if k[3] >= lim.key.start}
-                self._fire_threshold(key, _threshold_event(lim.scope, lim.subject, lim.name,
-                                                           used, lim.value, threshold,
-                                                           lim.key.start, now, agent))  # fmt: skip
-            self._runway(lim, agent, now)
-
-    def _runway(self, lim: Limit, agent: str, now: float) -> None:
-        """A `budget_runway` event when the limit will run out, at the last 15 minutes'
-        rate, within alerts.runway_seconds and before it resets: once per window."""
-        if self.runway_seconds <= 0 or lim.scope not in ("agent", GLOBAL):
-            return
-        key = (lim.scope, lim.subject, lim.name, lim.key.start, "runway")
-        if key in self._fired:
-            return
-        used, reserved = self.store.value(lim.key)
-        left = max(lim.value - used - reserved, 0)
-        way = runway(self.store, lim.key.scope, left, now, lim.resets_at)
-        if way.seconds is None or not way.before_reset or way.seconds > self.runway_seconds:
-            return
-        self._fired.add(key)
-        who = "all agents" if lim.scope == GLOBAL else f"{lim.scope} '{lim.subject}'"
-        rate, remains, limit = usd_sig(way.rate_pico_per_minute, left, lim.value)
-        message = (f"{who} {runway_text(way.seconds)} of {lim.name} at the rate of the last 15"
-                   f" minutes (${rate}/min): ${remains} of ${limit} left; the window resets"
-                   f" at {self.calendar.iso(lim.key.end)}")  # fmt: skip
-        self._fire_threshold(key, events.Event(events.RUNWAY, message, now, agent, {
-            "scope": lim.scope, "subject": lim.subject, "limit": lim.name,
-            "runway_seconds": round(way.seconds), "rate_usd_per_minute": usd_exact(
-                way.rate_pico_per_minute), "remaining_usd": usd_exact(left),
-            "window_start": lim.key.start,
-        }))  # fmt: skip
-
-    def _fire_threshold(self, key: tuple[Any, ...], event: events.Event) -> None:
-        if not self.store.shared:
-            self.bus.emit(event)
-            return
-        claim_key = "|".join(str(part) for part in key)
-        store: Any = self.store
-
-        async def claim() -> None:  # once across replicas: whoever claims it sends it
-            try:
-                if await store.claim_alert(claim_key, event.at):
-                    self.bus.emit(event)
-            except StorageUnavailable:
-                self.bus.emit(event)  # better twice than never
-
-        task = asyncio.ensure_future(claim())
-        self._claims.add(task)
-        task.add_done_callback(self._claims.discard)
-
     # -- pause and resume -------------------------------------------------------------
 
     async def pause(self, agent: str, reason: str | None, now: float) -> None:
@@ -488,19 +416,6 @@ def plan_user(plan: Plan) -> str | None:
         if app.scope == "user":
             return app.subject
     return None
-
-
-def _threshold_event(
-    scope: str, subject: str, limit: str, used: int, value: int, threshold: float,
-    window_start: float, now: float, agent: str,
-) -> events.Event:  # fmt: skip
-    pct = round(threshold * 100)
-    who = "all agents" if scope == "global" else f"{scope} '{subject}'"
-    message = f"{who} has used {pct}% of {limit}: ${usd_exact(used)} of ${usd_exact(value)}"
-    return events.Event(events.THRESHOLD, message, now, agent, {
-        "scope": scope, "subject": subject, "limit": limit, "threshold": threshold,
-        "used_usd": usd_exact(used), "limit_usd": usd_exact(value), "window_start": window_start,
-    })  # fmt: skip
 
 
 def check_data(check: Check) -> dict[str, Any]:

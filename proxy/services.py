@@ -122,9 +122,9 @@ class Services:
         self.keys = KeyRing(config.keys)
         enforcer = self.enforcer
         enforcer.policies = config.policies.with_api(enforcer.policies.api)
-        enforcer.thresholds = tuple(sorted(config.alerts.thresholds))
+        enforcer.crossings.thresholds = tuple(sorted(config.alerts.thresholds))
         enforcer.on_error = config.on_storage_error
-        enforcer.runway_seconds = config.alerts.runway_seconds
+        enforcer.crossings.runway_seconds = config.alerts.runway_seconds
         self.ledger.commit_timeout = config.commit_timeout
         self.ledger.stall_seconds = config.stall_seconds
         if self.alerts is not None:

@@ -102,7 +102,7 @@ async def report(e: Enforcer, agent: str, intent: str | None, cost: int, now: fl
 
 async def drain(e: Enforcer) -> None:
     """Threshold alerts of shared budgets are claimed in the database first."""
-    await asyncio.gather(*list(e._claims))
+    await asyncio.gather(*list(e.crossings.claims))
 
 
 async def test_day_limit_reserve_settle_and_reset_at_local_midnight(make: Make) -> None:
