@@ -176,6 +176,9 @@ class Admission:
     limits: list[Limit]
     spend_keys: list[CounterKey]  # every counter the call's cost goes to
     loop: LoopSpec | None = None
+    # The least a limit that blocks would let the call reserve (its output cap clamped to
+    # one token); None: the whole amount. Alert and dry-run limits count breaches by it.
+    floor: int | None = None
 
     @property
     def intent_key(self) -> CounterKey | None:
@@ -347,6 +350,7 @@ class Check:
     resets_at: float | None  # None: lifetime (intent)
     note: str | None = None  # what the numbers mean, for limits they do not explain
     offset: int = 0  # spend not counted against the limit (before the last progress)
+    floor: int | None = None  # see Admission.floor
 
     @property
     def remaining(self) -> int:
@@ -355,6 +359,15 @@ class Check:
     @property
     def breached(self) -> bool:
         return self.used + self.reserved + self.amount > self.limit_value
+
+    @property
+    def spent_out(self) -> bool:
+        """Whether an alert or dry-run limit is reached as a limit that blocks would be: one
+        that lets a call through with its output cap clamped to what is left, and refuses
+        only when not even that fits (else every uncapped call would alert)."""
+        if self.floor is None or not self.money:
+            return self.breached
+        return self.used + self.reserved + min(self.floor, self.amount) > self.limit_value
 
 
 def checks(adm: Admission, outcome: Outcome) -> list[Check]:
@@ -365,7 +378,7 @@ def checks(adm: Admission, outcome: Outcome) -> list[Check]:
         used, reserved = outcome.before.get(lim.key, (0, 0))
         out.append(Check(lim.scope, lim.subject, lim.name, lim.money, lim.value, used, reserved,
                          adm.amount if lim.money else 1, lim.action, lim.resets_at,
-                         offset=lim.offset))  # fmt: skip
+                         offset=lim.offset, floor=adm.floor if lim.money else None))  # fmt: skip
     if adm.loop is not None and (guard := adm.loop.policy.loop_guard) is not None:
         out.append(Check("agent", adm.agent, LOOP_CODE, False, guard.max_identical_requests,
                          outcome.loop_seen, 0, 1, adm.loop.policy.action,
@@ -374,7 +387,7 @@ def checks(adm: Admission, outcome: Outcome) -> list[Check]:
 
 
 def breaches(all_checks: Iterable[Check]) -> list[Check]:
-    return [c for c in all_checks if c.breached]
+    return [c for c in all_checks if c.breached and (c.action in REFUSING or c.spent_out)]
 
 
 def decisive(breached: Sequence[Check]) -> Check | None:

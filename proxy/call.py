@@ -318,8 +318,12 @@ class Call:
             digest = hashlib.blake2b(source, digest_size=16).digest()
         assert self.route is not None
         free = self.route.endpoint.kind is Kind.FREE
+        floor = None
+        if self.reservation is not None and svc.config.on_uncapped == "clamp":
+            floor = self.reservation.input_cost + self.reservation.output_rate
         admitted = await enforcer.admit(rec.agent, rec.intent, amount, svc.clock(), digest,
-                                        call_id=rec.id, free=free, user=rec.end_user)  # fmt: skip
+                                        call_id=rec.id, free=free, user=rec.end_user,
+                                        floor=floor)  # fmt: skip
         if isinstance(admitted, Refusal):
             raise budget_fault(admitted)
         self.ticket = admitted

@@ -145,8 +145,10 @@ class Enforcer:
         """What the tightest money limit that refuses still allows, as this process sees it
         (None: no such limit). A hint for sizing a call; admission decides atomically."""
         tightest = None
-        for lim in plan_limits(self.plan(agent, user), agent, intent, self.calendar, now,
-                               counting=False):  # fmt: skip
+        plan = self.plan(agent, user)
+        mark = self.progress.known(agent, intent) if plan.progress and intent else 0
+        for lim in plan_limits(plan, agent, intent, self.calendar, now, counting=False,
+                               progress_mark=mark):  # fmt: skip
             if lim.money and lim.action in REFUSING:
                 used, reserved = self.store.value(lim.key)
                 left = max(lim.value - used - reserved, 0)
@@ -168,11 +170,13 @@ class Enforcer:
         call_id: str | None = None,  # the call's ledger id: names a shared reservation
         free: bool = False,  # it cannot spend: money limits do not stop it
         user: str | None = None,  # the agent's end user the call is for
+        floor: int | None = None,  # see Admission.floor
     ) -> Ticket | Refusal:
         plan = self.plan(agent, user)
         mark = await self._mark(plan, agent, intent, now)
         adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest, free=free,
                              progress_mark=mark)  # fmt: skip
+        adm.floor = floor
         if self.store.shared:
             if call_id is None:
                 # The row's commit releases the lease it names: any other name would hold

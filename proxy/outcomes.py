@@ -137,6 +137,11 @@ class ProgressBook:
         self.ttl = ttl
         self._marks: dict[tuple[str, str], tuple[int, float]] = {}
 
+    def known(self, agent: str, intent: str) -> int:
+        """The mark as last read (0 before the first read): a hint, without waiting."""
+        known = self._marks.get((agent, intent))
+        return known[0] if known is not None else 0
+
     async def mark(self, agent: str, intent: str, now: float) -> int:
         key = (agent, intent)
         known = self._marks.get(key)

@@ -64,6 +64,11 @@ async def seeded(make_proxy: ProxyFactory, fake: Any) -> Proxy:
     long = [{"role": "user", "content": "word " * 2000}]  # its prompt alone: $0.0055 > $0.0028
     with pytest.raises(openai.RateLimitError):  # breaches its day budget: paused
         await client.chat.completions.create(model="gpt-4o", messages=long, max_tokens=200)
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        for intent, outcome in (("ticket-1", "success"), ("ticket-2", "failure")):
+            async with s.post(f"{proxy.url}/meter/intents/{intent}/outcome",
+                              json={"outcome": outcome}) as r:  # fmt: skip
+                assert r.status == 200
     await proxy.flushed()
     return proxy
 
@@ -126,6 +131,21 @@ async def test_dashboard_shows_the_apis_numbers(
 
     await page.click("#views button[data-view='day']")
     await page.wait_for_selector("#agents tr[data-agent='billing-agent'] button.resume")
+    # Runway per budget bar, as the API computes it (the last 15 minutes' rate).
+    (day,) = [lim for lim in agents["research-agent"]["limits"]
+              if lim["limit"] == "max_cost_per_day_usd"]  # fmt: skip
+    runway = page.locator("#agents tr[data-agent='research-agent'] td.budget .runway")
+    assert await runway.get_attribute("data-runway-seconds") == str(day["runway_seconds"])
+    text = await runway.text_content()
+    assert day["rate_usd_per_minute"] == "0.0008496"  # $0.012744 over 15 minutes
+    if day["runs_out_before_reset"]:  # unless the test runs just before midnight
+        assert text == f"{day['runway']} at the current rate ($0.000850/min)"  # 6 places
+    # Cost per outcome: ticket-1 succeeded ($0.0111), ticket-2 failed ($0.001644).
+    row = page.locator("#outcomes tr[data-agent='research-agent'] td")
+    cells = [await row.nth(i).text_content() for i in range(8)]
+    assert cells == ["research-agent", "1", "1", "0", "0", "$0.0111", "$0.001644", "$0.0111"]
+    assert await page.locator("#outcomes tbody tr").count() == 1
+    assert await page.is_hidden("#outcomes-empty")
     assert await page.text_content("#agents tr[data-agent='billing-agent'] td.state") == "paused"
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
@@ -183,6 +203,11 @@ async def crowded(make_proxy: ProxyFactory, fake: Any) -> Proxy:
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/agents/agent-03/v1", api_key="k",
                                 max_retries=0)  # fmt: skip
     await client.chat.completions.create(model="house-model-v2", messages=HI)  # no price
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        for intent, outcome in (("t1", "success"), ("t2", "failure")):
+            async with s.post(f"{proxy.url}/meter/intents/{intent}/outcome",
+                              json={"outcome": outcome}) as r:  # fmt: skip
+                assert r.status == 200
     await proxy.flushed()
     return proxy
 

@@ -66,16 +66,18 @@ async function load() {
     const agents = await api("/meter/agents");
     const win = agents.windows[view];
     const since = encodeURIComponent(win.starts);
-    const [chart, intents, models, calls] = await Promise.all([
+    const [chart, intents, models, calls, outcomes] = await Promise.all([
       api(`/meter/spend?by=agent&window=${VIEWS[view].chart}&since=${since}`),
       api(`/meter/spend?by=intent&since=${since}`),
       api(`/meter/spend?by=model&since=${since}`),
       api("/meter/calls?limit=15"),
+      api(`/meter/outcomes?by=agent&since=${since}`),
     ]);
     $("#login").hidden = true;
     $("#main").hidden = false;
     $("#controls").hidden = false;
     render(agents, chart, intents, models, calls, win);
+    renderOutcomes(outcomes);
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     $("#updated").dataset.loads = String(Number($("#updated").dataset.loads || 0) + 1);
   } catch (e) {
@@ -129,7 +131,34 @@ function budgetBar(agent) {
     bar, el("span", { class: "barlabel" },
       `${usd(limit.spent_usd)} + ${usd(limit.reserved_usd)} reserved of ${usd(limit.limit_usd)}` +
       ` (${limit.limit.replace("max_cost_per_", "").replace("_usd", "")})`),
-    perIntent(agent));
+    runway(limit), perIntent(agent));
+}
+
+// When the limit runs out at the spend rate of the last 15 minutes (the API's runway).
+function runway(limit) {
+  if (limit.runway_seconds === undefined || limit.runway_seconds === null) return "";
+  const soon = limit.runs_out_before_reset;
+  return el("span", { class: "runway" + (soon ? " soon" : ""),
+    "data-runway-seconds": String(limit.runway_seconds) },
+    soon ? `${limit.runway} at the current rate (${usd(limit.rate_usd_per_minute)}/min)`
+      : `lasts until the reset at the current rate (${usd(limit.rate_usd_per_minute)}/min)`);
+}
+
+// Cost per outcome: intents closed as success, failure or abandoned, and what one success cost.
+function renderOutcomes(report) {
+  const body = $("#outcomes tbody");
+  body.replaceChildren();
+  const rows = report.rows.filter((r) => r.success_intents + r.failure_intents +
+    r.abandoned_intents > 0);
+  $("#outcomes-empty").hidden = rows.length > 0;
+  for (const r of rows) {
+    body.append(el("tr", { "data-agent": r.agent }, el("td", {}, r.agent),
+      el("td", { class: "num" }, r.success_intents), el("td", { class: "num" }, r.failure_intents),
+      el("td", { class: "num" }, r.abandoned_intents), el("td", { class: "num" }, r.open_intents),
+      money(r.success_cost_usd), money(r.failure_cost_usd),
+      r.cost_per_success_usd === null ? el("td", { class: "num muted" }, "-")
+        : money(r.cost_per_success_usd)));
+  }
 }
 
 // A per-intent cost limit applies to each of the agent's tasks: say so beside its budget.

@@ -372,6 +372,7 @@ class Storage(ABC):
 
     async def rollup_buckets(self, agent: str, since: float) -> list[tuple[float, int]]:
         """(bucket start, pico-USD) of one agent's spend since `since`, from the rollups."""
+        await self.sync_rollups()
         rows = await self.fetch(
             "SELECT bucket, cost_micro, cost_pico_rem FROM rollup_agent_15m"
             " WHERE agent = ? AND bucket >= ?",
