@@ -166,8 +166,9 @@ class UpstreamWatch:
         self._alerted: set[str] = set()
 
     def call_ended(
-        self, record: CallRecord, upstream_seconds: float | None, forwarded: bool
-    ) -> None:
+        self, record: CallRecord, upstream_seconds: float | None, forwarded: bool,
+        trace: object = None,
+    ) -> None:  # fmt: skip
         upstream, status, now = record.upstream, record.status, record.ended_at
         if upstream is None or not forwarded:
             return

@@ -197,6 +197,15 @@ def _services_ctx(
         svc.metrics = Metrics(lambda: svc.enforcer, clock, lambda: _ledger_metrics(svc))
         svc.watch = UpstreamWatch(bus, config.alerts.upstream_failures)
         svc.observers = [svc.metrics, svc.watch]
+        telemetry = None
+        if config.telemetry.enabled:
+            from proxy.telemetry import Telemetry  # the SDK is loaded only when it is used
+
+            telemetry = Telemetry(config.telemetry)
+            svc.observers.append(telemetry)
+            log.info("telemetry: OTLP spans and metrics to %s as service '%s'",
+                     config.telemetry.endpoint, config.telemetry.service_name)  # fmt: skip
+        svc.telemetry = telemetry
         svc.alerts = AlertSender(config.alerts, svc.client)
         bus.subscribe(svc.alerts)
         app[SERVICES] = svc
@@ -206,6 +215,8 @@ def _services_ctx(
         finally:
             svc.background.release_all()
             await ledger.close(svc.grace_left())
+            if telemetry is not None:
+                await telemetry.shutdown(min(5.0, max(svc.grace_left(), 0.5)))
             if spool is not None:
                 await spool.close()
             await svc.client().close()

@@ -603,7 +603,11 @@ class Call:
     def _observe(self) -> None:
         forwarded = self.timings.sent is not None
         rec = self.record
-        self.svc.after_call(rec, self.timings.upstream_seconds, forwarded)
+        headers = self.request.headers
+        trace = None
+        if "traceparent" in headers:
+            trace = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
+        self.svc.after_call(rec, self.timings.upstream_seconds, forwarded, trace)
         if self.outcome is not None and rec.intent is not None:
             closing = self.svc.close_intent(rec.agent, rec.intent, self.outcome, "header",
                                             rec.ended_at)  # fmt: skip

@@ -38,6 +38,7 @@ TOP_KEYS = (
     "budgets",
     "alerts",
     "heartbeat",
+    "telemetry",
 )
 
 
@@ -101,6 +102,18 @@ class AlertsConfig:
     # A limit projected to run out (at the last 15 minutes' rate) sooner than this, and
     # before its window resets, raises a `budget_runway` event: once per limit and window.
     runway_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry export (`proxy.telemetry`): OTLP over HTTP, protobuf."""
+
+    enabled: bool = False
+    endpoint: str | None = None  # the collector's base URL: /v1/traces, /v1/metrics added
+    protocol: str = "http/protobuf"
+    service_name: str = "meterproxy"
+    headers: tuple[tuple[str, str], ...] = ()
+    metrics_interval_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,7 @@ class Config:
     alerts: AlertsConfig = AlertsConfig()
     heartbeat_enabled: str = "auto"  # auto: on when bound to loopback or with proxy keys
     heartbeat_max_cost_pico: int = 100 * 10**12  # what one heartbeat may report
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @property
     def heartbeats_on(self) -> bool:

@@ -9,6 +9,7 @@ from elsewhere reads the same ledger as the proxy.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,6 +30,7 @@ from proxy.config import (
     AlertsConfig,
     Config,
     ConfigError,
+    TelemetryConfig,
     Timeouts,
     Upstream,
 )
@@ -381,6 +383,44 @@ def _heartbeat(top: Section) -> dict[str, Any]:
     return {"heartbeat_enabled": enabled, "heartbeat_max_cost_pico": usd_to_pico(cap)}
 
 
+def _telemetry(top: Section) -> dict[str, Any]:
+    """telemetry: the file's keys, else the OpenTelemetry SDK's own environment variables
+    (OTEL_EXPORTER_OTLP_ENDPOINT, _PROTOCOL, _HEADERS, OTEL_SERVICE_NAME). On when an
+    endpoint is known, unless `enabled: false`."""
+    t = top.section("telemetry")
+    t.check_unknown(("enabled", "endpoint", "protocol", "service_name", "headers",
+                     "metrics_interval_seconds"))  # fmt: skip
+    env = os.environ
+    endpoint = t.string("endpoint", env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None, env=True)
+    if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
+        t.report(t.error("endpoint", endpoint, "must be an http:// or https:// URL, e.g."
+                         " http://127.0.0.1:4318"))  # fmt: skip
+        endpoint = None
+    protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    protocol = t.string("protocol", protocol)
+    if protocol != "http/protobuf":
+        t.report(t.error("protocol", protocol, "only http/protobuf is supported (OTLP over"
+                         " HTTP, port 4318); gRPC would need grpcio"))  # fmt: skip
+    headers: dict[str, str] = {}
+    for part in env.get("OTEL_EXPORTER_OTLP_HEADERS", "").split(","):
+        name, sep, value = part.partition("=")
+        if sep and name.strip():
+            headers[name.strip()] = value.strip()
+    table = t.section("headers")
+    for name in table.data:
+        headers[str(name)] = table.string(str(name), env=True)
+    enabled = t.boolean("enabled", endpoint is not None)
+    if enabled and endpoint is None:
+        t.fail("enabled", "is true but no endpoint is set (telemetry.endpoint or"
+               " OTEL_EXPORTER_OTLP_ENDPOINT)")  # fmt: skip
+    return {"telemetry": TelemetryConfig(
+        enabled=bool(enabled), endpoint=endpoint, protocol=protocol,
+        service_name=t.string("service_name", env.get("OTEL_SERVICE_NAME", "meterproxy")),
+        headers=tuple(sorted(headers.items())),
+        metrics_interval_seconds=t.number("metrics_interval_seconds", 60.0, min=1, max=3600),
+    )}  # fmt: skip
+
+
 def _guarded(top: Section, part: Callable[[], Any]) -> Any:
     """A part of the file read on its own: with a sink, its first error that no getter
     could absorb is kept and the part left at its defaults."""
@@ -416,6 +456,7 @@ def parse_config(
         lambda: _budgets(top, _user_key(top)),
         lambda: _alerts(top),
         lambda: _heartbeat(top),
+        lambda: _telemetry(top),
     ):
         parsed |= _guarded(top, part) or {}
     _guarded(top, lambda: _keys_need_upstream_keys(top, parsed))

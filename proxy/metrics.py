@@ -156,8 +156,9 @@ class Metrics:
         return found
 
     def call_ended(
-        self, record: CallRecord, upstream_seconds: float | None, forwarded: bool = False
-    ) -> None:
+        self, record: CallRecord, upstream_seconds: float | None, forwarded: bool = False,
+        trace: object = None,
+    ) -> None:  # fmt: skip
         agent = self._agent(record.agent)
         model = self._model(record.model_priced or record.model_requested or "-")
         key = (agent, model, record.status)

@@ -46,7 +46,7 @@ RULES: dict[str, str] = {
     "alerts.webhooks": APPLIED, "alerts.thresholds": APPLIED, "alerts.repeat_seconds": APPLIED,
     "alerts.upstream_failures": APPLIED, "alerts.runway_seconds": APPLIED,
     "alerts.queue_size": RESTART,
-    "heartbeat_enabled": LIVE, "heartbeat_max_cost_pico": LIVE,
+    "heartbeat_enabled": LIVE, "heartbeat_max_cost_pico": LIVE, "telemetry": RESTART,
 }  # fmt: skip
 # The names people write in the file, for the WARNING.
 _FILE_KEYS = {
@@ -54,6 +54,7 @@ _FILE_KEYS = {
     "sqlite_synchronous": "storage.sqlite_synchronous", "spool_dir": "storage.spool_dir",
     "pool_size": "storage.pool_size", "log_format": "logging.format", "log_file": "logging.file",
     "timezone": "budgets.timezone", "alerts.queue_size": "alerts.queue_size",
+    "telemetry": "telemetry",
 }  # fmt: skip
 
 

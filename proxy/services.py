@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -64,6 +64,7 @@ class Services:
     watch: UpstreamWatch | None = None
     call_sink: CallSink = log_call  # `serve` swaps in a direct writer (see calllog)
     observers: list[CallObserver] = field(default_factory=list)
+    telemetry: Any = None  # proxy.telemetry.Telemetry when telemetry.enabled
     history: OutputHistory = field(default_factory=lambda: OutputHistory(None))
     chains: ChainBook = field(default_factory=lambda: ChainBook(None))
     background: BackgroundBook = field(init=False)
@@ -84,13 +85,14 @@ class Services:
         return self.session
 
     def after_call(
-        self, record: CallRecord, upstream_seconds: float | None = None, forwarded: bool = False
-    ) -> None:
+        self, record: CallRecord, upstream_seconds: float | None = None, forwarded: bool = False,
+        trace: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
         """Once per ledger row: the log line, then every observer (metrics, the upstreams'
         health, telemetry). Observers only count or enqueue: this is the hot path."""
         self.call_sink(record, self.enforcer.spent(record.agent, "day", record.started_at))
         for observer in self.observers:
-            observer.call_ended(record, upstream_seconds, forwarded)
+            observer.call_ended(record, upstream_seconds, forwarded, trace)
 
     async def close_intent(
         self, agent: str, intent: str, outcome: str, source: str, now: float
