@@ -168,11 +168,14 @@ def main() -> None:
         "--extras", action="store_true", help="also the 50 MB stream and 400 KB prompt"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--telemetry", action="store_true", help="meterproxy also exports OTLP to a local sink"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="meterproxy-bench-"))
-    ports = {name: free_port() for name in ("upstream", "floor", "meterproxy")}
+    ports = {name: free_port() for name in ("upstream", "floor", "meterproxy", "otlp")}
     upstream_url = f"http://127.0.0.1:{ports['upstream']}"
     config = {
         "server": {"host": "127.0.0.1", "port": ports["meterproxy"]},
@@ -181,6 +184,8 @@ def main() -> None:
         "logging": {"file": str(workdir / "meterproxy.log"), "level": "INFO"},
         "budgets": {"agents": {"bench-agent": {"max_cost_per_day_usd": 1_000_000}}},
     }
+    if args.telemetry:
+        config["telemetry"] = {"endpoint": f"http://127.0.0.1:{ports['otlp']}"}
     (workdir / "meterproxy.yaml").write_text(json.dumps(config))
     py = sys.executable
     procs = {
@@ -214,6 +219,13 @@ def main() -> None:
             workdir / "meterproxy.stderr",
         ),
     }
+    if args.telemetry:
+        procs["otlp"] = Process(
+            "otlp sink",
+            pinned(1, [py, "-m", "bench.otlp_sink", "--port", str(ports["otlp"])]),
+            ports["otlp"],
+            workdir / "otlp.log",
+        )
     try:
         for p in procs.values():
             p.wait_ready()
