@@ -19,6 +19,9 @@ from proxy.windows import Calendar
 
 log = logging.getLogger("meterproxy.budgets")
 _MAX_FIRED = 100_000
+# A runway is worked out from 15 minute counters: per limit at most this often, not per
+# call (an alert a few seconds late is as good; the hot path pays for it otherwise).
+RUNWAY_EVERY_SECONDS = 10.0
 
 
 class Crossings:
@@ -34,6 +37,7 @@ class Crossings:
         self.thresholds = tuple(sorted(thresholds))
         self.runway_seconds = runway_seconds  # alert when a limit runs out sooner than this
         self._fired: set[tuple[Any, ...]] = set()
+        self._runway_seen: dict[tuple[str, str, str], float] = {}  # limit -> last worked out
         self.claims: set[asyncio.Future[None]] = set()  # pending claims (shared budgets)
 
     def after_spend(
@@ -70,6 +74,13 @@ class Crossings:
         key = (lim.scope, lim.subject, lim.name, lim.key.start, "runway")
         if key in self._fired:
             return
+        limit_id = (lim.scope, lim.subject, lim.name)
+        last = self._runway_seen.get(limit_id)
+        if last is not None and 0 <= now - last < RUNWAY_EVERY_SECONDS:
+            return
+        if len(self._runway_seen) > _MAX_FIRED:
+            self._runway_seen.clear()
+        self._runway_seen[limit_id] = now
         used, reserved = store.value(lim.key)
         left = max(lim.value - used - reserved, 0)
         way = runway(store, lim.key.scope, left, now, lim.resets_at)
