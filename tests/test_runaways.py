@@ -275,6 +275,11 @@ async def test_outcomes_from_header_heartbeat_and_api_and_the_report(
     assert report["total"]["cost_usd"] == "0.24"
     total = sum(Decimal(r["cost_usd"]) for r in report["rows"])
     assert total == Decimal(report["total"]["cost_usd"])
+    _, by_model = await get(proxy, "/meter/outcomes?by=model")
+    (gpt4o,) = by_model["rows"]
+    assert (gpt4o["model"], gpt4o["success_intents"], gpt4o["abandoned_intents"],
+            gpt4o["cost_usd"], gpt4o["cost_per_success_usd"]) == (
+        "gpt-4o", 2, 1, "0.24", "0.075")  # fmt: skip
     await proxy.flushed()
     config = proxy.config.db_url.removeprefix("sqlite:///")
     code = await asyncio.to_thread(

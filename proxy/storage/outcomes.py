@@ -60,6 +60,10 @@ async def outcome_totals(
     if agent is not None:
         where.append("c.agent = ?")
         params.append(agent)
+    if by == "model":
+        # By model, an intent counts under the models it called: a row that neither called
+        # nor spent (a status-only heartbeat, a request refused as malformed) names none.
+        where.append("(c.llm_calls > 0 OR COALESCE(c.cost_pico, 0) > 0)")
     key = _KEYS[by]
     rows = await storage.fetch(
         f"SELECT {key}, COALESCE(o.outcome, 'open'), COUNT(DISTINCT c.agent || '/' || c.intent),"
