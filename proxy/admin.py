@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.admin_base import admin, agent_of, json_response, read_json
+from proxy.admin_base import (
+    admin,
+    agent_of,
+    json_response,
+    query_fault,
+    query_times,
+    read_json,
+    report_response,
+)
 from proxy.admin_outcomes import add_outcome_routes
 from proxy.admission import intent_key
 from proxy.budget_views import known_agents, status
@@ -22,7 +30,7 @@ from proxy.errors import ProxyFault
 from proxy.heartbeat import heartbeat
 from proxy.money import usd_exact
 from proxy.policy import COST_WINDOWS, INTENT_COST_LIMIT, validate_policy_json
-from proxy.reports import ReportError, parse_time, spend_report
+from proxy.reports import ReportError, spend_report
 from proxy.schema import FieldError
 from proxy.services import Services
 from proxy.storage.base import IntentRow
@@ -202,28 +210,20 @@ def _intent_view(svc: Services, agent: str, intent: str, row: IntentRow | None) 
 @admin
 async def get_spend(request: web.Request, svc: Services) -> web.StreamResponse:
     q = request.query
-    cal = svc.enforcer.calendar
-    now = svc.clock()
     try:
+        since, until = query_times(request, svc)
         report = await spend_report(
             svc.storage,
-            cal,
+            svc.enforcer.calendar,
             by=q.get("by", "agent"),
             window=q.get("window") or None,
-            since=parse_time(q["since"], cal, now, "since") if q.get("since") else None,
-            until=parse_time(q["until"], cal, now, "until") if q.get("until") else None,
+            since=since,
+            until=until,
             agent=q.get("agent") or None,
         )
     except ReportError as e:
-        raise ProxyFault(400, "invalid_query", f"meterproxy: {e}", param=e.param) from None
-    fmt = q.get("format", "json")
-    if fmt == "csv":
-        return web.Response(text=report.to_csv(), content_type="text/csv")
-    if fmt != "json":
-        raise ProxyFault(
-            400, "invalid_query", "meterproxy: format must be json or csv", param="format"
-        )
-    return json_response(report.to_json())
+        raise query_fault(e) from None
+    return report_response(request, report)
 
 
 @admin

@@ -13,11 +13,36 @@ from aiohttp import web
 
 from proxy.errors import UNAVAILABLE_ERROR, ProxyFault
 from proxy.ids import IdError, validate_id
+from proxy.reports import ReportError, parse_time
 from proxy.services import SERVICES, Services
 from proxy.storage.base import StorageUnavailable
 
 log = logging.getLogger("meterproxy.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def query_times(request: web.Request, svc: Services) -> tuple[float | None, float | None]:
+    """`since` and `until` of a report's query (ReportError names a bad one)."""
+    q, cal, now = request.query, svc.enforcer.calendar, svc.clock()
+    since = parse_time(q["since"], cal, now, "since") if q.get("since") else None
+    until = parse_time(q["until"], cal, now, "until") if q.get("until") else None
+    return since, until
+
+
+def query_fault(error: ReportError) -> ProxyFault:
+    return ProxyFault(400, "invalid_query", f"meterproxy: {error}", param=error.param)
+
+
+def report_response(request: web.Request, report: Any) -> web.Response:
+    """A report as the query's `format` asks: json (the default) or csv."""
+    fmt = request.query.get("format", "json")
+    if fmt == "csv":
+        return web.Response(text=report.to_csv(), content_type="text/csv")
+    if fmt != "json":
+        raise ProxyFault(
+            400, "invalid_query", "meterproxy: format must be json or csv", param="format"
+        )
+    return json_response(report.to_json())
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.admin_base import admin, json_response, read_json
+from proxy.admin_base import (
+    admin,
+    json_response,
+    query_fault,
+    query_times,
+    read_json,
+    report_response,
+)
 from proxy.errors import ProxyFault
 from proxy.ids import IdError, validate_id
 from proxy.outcomes import OUTCOMES, outcome_report, parse_outcome
-from proxy.reports import ReportError, parse_time
+from proxy.reports import ReportError
 from proxy.services import Services
 
 
@@ -58,20 +65,13 @@ async def post_outcome(request: web.Request, svc: Services) -> web.StreamRespons
 @admin
 async def get_outcomes(request: web.Request, svc: Services) -> web.StreamResponse:
     q = request.query
-    cal = svc.enforcer.calendar
-    now = svc.clock()
     try:
-        report = await outcome_report(
-            svc.storage, q.get("by", "agent"),
-            parse_time(q["since"], cal, now, "since") if q.get("since") else None,
-            parse_time(q["until"], cal, now, "until") if q.get("until") else None,
-            q.get("agent") or None,
-        )  # fmt: skip
+        since, until = query_times(request, svc)
+        report = await outcome_report(svc.storage, q.get("by", "agent"), since, until,
+                                      q.get("agent") or None)  # fmt: skip
     except ReportError as e:
-        raise ProxyFault(400, "invalid_query", f"meterproxy: {e}", param=e.param) from None
-    if q.get("format") == "csv":
-        return web.Response(text=report.to_csv(), content_type="text/csv")
-    return json_response(report.to_json())
+        raise query_fault(e) from None
+    return report_response(request, report)
 
 
 def add_outcome_routes(r: web.UrlDispatcher) -> None:

@@ -20,7 +20,7 @@ from typing import Protocol
 from proxy.admission import GLOBAL, MINUTE_KIND, Admission, Outcome, agent_scope, split_scope
 from proxy.policy import COST_WINDOWS, INTENT_WINDOWS
 from proxy.storage import Storage
-from proxy.storage.base import CounterKey
+from proxy.storage.base import MINUTE_COUNTERS_KEEP_SECONDS, CounterKey
 from proxy.windows import Calendar
 
 _MAX_LIFETIME_COUNTERS = 200_000  # intents kept in memory; older idle ones reload lazily
@@ -252,7 +252,7 @@ class MemoryCounters:
     def prune(self, now: float) -> None:
         """Drop counters of windows that ended a day ago (minute counters: two hours ago)
         and hold no reservation."""
-        horizon, minutes = now - 86400, now - 7200
+        horizon, minutes = now - 86400, now - MINUTE_COUNTERS_KEEP_SECONDS
         for key in [
             k for k, v in self.values.items()
             if v[1] == 0 and (k.end < horizon or (k.kind == MINUTE_KIND and k.end < minutes))

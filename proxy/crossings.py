@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from proxy import events
-from proxy.admission import GLOBAL, Limit, Plan, plan_admission
+from proxy.admission import GLOBAL, Limit, Plan, plan_limits
 from proxy.counters import CounterStore
 from proxy.money import usd_exact, usd_sig
 from proxy.spend_rate import runway, runway_text
@@ -43,8 +43,8 @@ class Crossings:
     def after_spend(
         self, store: CounterStore, plan: Plan, agent: str, intent: str | None, now: float
     ) -> None:
-        adm = plan_admission(plan, agent, intent, 0, self.calendar, now, counting=False)
-        for lim in adm.limits:
+        # The limits alone: admitting (demands, spend keys) is not what happens here.
+        for lim in plan_limits(plan, agent, intent, self.calendar, now, counting=False):
             if not lim.money or lim.value <= 0:
                 continue
             used = store.value(lim.key)[0]

@@ -15,29 +15,21 @@ import statistics
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from proxy.admission import MINUTE_KIND, Check, Plan, intent_scope
+from proxy.admission import Check, Plan, intent_scope, minute_key
 from proxy.counters import CounterStore
 from proxy.money import usd_sig
-from proxy.policy import RATE_LIMIT, REFUSING, SpendRate
-from proxy.storage.base import CounterKey
+from proxy.policy import RATE_LIMIT, SpendRate
 from proxy.windows import Calendar
 
-MINUTE = MINUTE_KIND
 RUNWAY_MINUTES = 15
 BASELINE_DAYS = 7
-KEEP_MINUTES = 120  # minute counters older than this are dropped
 # (bucket start, pico-USD) of one agent's spend since a moment, from the rollups.
 BucketSource = Callable[[str, float], Awaitable[list[tuple[float, int]]]]
 
 
 def spent_over(store: CounterStore, scope: str, now: float, minutes: int) -> int:
     """What `scope` spent in the last `minutes` minutes, the current one included."""
-    start = math.floor(now / 60) * 60
-    total = 0
-    for i in range(minutes):
-        t = start - 60 * i
-        total += store.value(CounterKey(scope, MINUTE, float(t), float(t + 60)))[0]
-    return total
+    return sum(store.value(minute_key(scope, now - 60 * i))[0] for i in range(minutes))
 
 
 def per_minute(store: CounterStore, scope: str, now: float, minutes: int) -> int:
@@ -116,10 +108,6 @@ class RateWatch:
     def __init__(self, baselines: Baselines) -> None:
         self.baselines = baselines
 
-    def per_intent(self, plan: Plan) -> bool:
-        return any(a.policy.spend_rate is not None and a.policy.spend_rate.per == "intent"
-                   for a in plan.applicable)  # fmt: skip
-
     async def prepare(self, plan: Plan, agent: str, now: float) -> None:
         for app in plan.applicable:
             rate = app.policy.spend_rate
@@ -163,7 +151,3 @@ def describe(rate: SpendRate, used: int, threshold: int, usual: int | None) -> s
         text += f" ({rate.times_baseline:g}x its usual ${base}/min at this hour"
         text += f", at least ${usd_sig(rate.min_pico_per_minute)[0]}/min)"
     return text
-
-
-def refuses(checks: Iterable[Check]) -> bool:
-    return any(c.breached and c.action in REFUSING for c in checks)

@@ -35,6 +35,10 @@ class StorageUnavailable(StorageError):
     falls back (fail closed or open, spool) and the engine reconnects by itself."""
 
 
+# Per-minute spend counters (spend rates, runway) are read over at most an hour: kept two.
+MINUTE_COUNTERS_KEEP_SECONDS = 7200
+
+
 @dataclass(frozen=True, slots=True)
 class CounterKey:
     """One shared budget counter: a scope (`agent:NAME`, `global`, `intent:ID`), what it

@@ -22,6 +22,7 @@ import asyncpg
 from proxy.records import CallRecord
 from proxy.redact import redact_url
 from proxy.storage.base import (
+    MINUTE_COUNTERS_KEEP_SECONDS,
     BudgetView,
     CounterKey,
     Grouping,
@@ -433,7 +434,7 @@ class PostgresStorage(Storage):
             )
             await conn.execute(
                 "DELETE FROM budget_counters WHERE kind = 'cost:minute' AND window_end < $1",
-                now - 7200,
+                now - MINUTE_COUNTERS_KEEP_SECONDS,
             )
             # Intents idle that long: their lifetime spend stays in the ledger's intent
             # totals, where an admission finds it again (see budget_admit).
