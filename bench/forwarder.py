@@ -1,4 +1,5 @@
-"""The floor: the thinnest aiohttp reverse proxy (no parsing, no metering, no ledger).
+"""The floor: the thinnest aiohttp reverse proxy (no parsing, no metering, no ledger), on
+the event loop meterproxy runs on (uvloop when installed).
 
 `python -m bench.forwarder --port 9200 --upstream http://127.0.0.1:9100`
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from aiohttp import ClientSession, TCPConnector, web
 
@@ -47,11 +49,19 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9200)
     parser.add_argument("--upstream", default="http://127.0.0.1:9100")
     args = parser.parse_args()
+    try:  # the event loop meterproxy runs on (server.event_loop: auto)
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
     web.run_app(
         make_app(args.upstream),
         host="127.0.0.1",
         port=args.port,
         access_log=None,
+        backlog=4096,
+        loop=loop,
         print=lambda *_: print(f"forwarder on 127.0.0.1:{args.port}", flush=True),
     )
 

@@ -19,6 +19,7 @@ Memory per stream is bounded whatever the upstream sends:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -104,15 +105,15 @@ class StreamMeter:
         if self._big_head is not None:
             return self._feed_big(chunk)
         reader = self.reader
-        if (
-            not self._tail
-            and not self.count_output
-            and chunk.endswith(_SEPARATORS)
-            and not reader.has_marker(chunk)
-        ):
+        if not self._tail and chunk.endswith(_SEPARATORS) and not reader.has_marker(chunk):
             # Whole events, none of which matters to metering: most chunks of any stream.
             reader.sniff_model(chunk)
-            self._keep(chunk)
+            if not self.count_output:
+                self._keep(chunk)
+            elif b"\r" in chunk:
+                self._count_texts(e for e in _BOUNDARY.split(chunk) if e)
+            else:
+                self._count_texts(chunk.split(b"\n\n")[:-1])
             return reader.rewrite(chunk)
         buf = self._tail + chunk if self._tail else chunk
         end = _last_boundary(buf, len(buf))
@@ -178,6 +179,19 @@ class StreamMeter:
             self._keep(event)
         if verdict is Verdict.SEND:
             out.append(event)
+
+    def _count_texts(self, events: Iterable[bytes]) -> None:
+        """The generated text of plain events, for a stream budget (the common case of
+        `_event`, without its per-event routing: one parse and a lookup per event)."""
+        texts = self.reader.texts
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                payload = event[6:]
+            else:
+                payload = _payload(event)
+            for text in texts(_json(payload)):
+                self.fresh.append(text)
+                self._text(text)
 
     def _after(self, data: bytes) -> None:
         self.after_final += len(data)

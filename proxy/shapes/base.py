@@ -12,7 +12,7 @@ knows none of it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,7 +123,7 @@ class StreamReader(Protocol):
     def event(self, raw: bytes, obj: Any) -> Verdict:
         """One complete event (`obj` its parsed data, or None)."""
 
-    def texts(self, obj: Any) -> Iterator[str]:
+    def texts(self, obj: Any) -> Iterable[str]:
         """The generated text in an event, for counting output tokens."""
 
     def rewrite(self, data: bytes) -> bytes:

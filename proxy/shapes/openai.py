@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -418,6 +418,7 @@ def output_texts(obj: Any) -> Iterator[str]:
 
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 _NULL_USAGE = b',"usage":null'
+_PLAIN_DELTA = frozenset({"content", "role"})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 
 
@@ -451,7 +452,16 @@ class ChatReader:
                 return Verdict.DROP  # the usage chunk the client did not ask for
         return Verdict.SEND
 
-    def texts(self, obj: Any) -> Iterator[str]:
+    def texts(self, obj: Any) -> Iterable[str]:
+        # Most chunks of a stream: one choice whose delta is a piece of content (the
+        # stream budget reads every one of them; output_texts is the general case).
+        if type(obj) is dict:
+            choices = obj.get("choices")
+            if type(choices) is list and len(choices) == 1 and type(choices[0]) is dict:
+                delta = choices[0].get("delta")
+                if type(delta) is dict and delta.keys() <= _PLAIN_DELTA:
+                    content = delta.get("content")
+                    return (content,) if type(content) is str else ()
         return output_texts(obj)
 
     def rewrite(self, data: bytes) -> bytes:
