@@ -103,6 +103,9 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=30, help="how long each stream lasts")
     p.add_argument("--ramp", type=float, default=5, help="seconds over which streams open")
+    p.add_argument(
+        "--without-budget", action="store_true", help="meterproxy meters, but no budget applies"
+    )
     p.add_argument("--client-port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
@@ -129,8 +132,9 @@ def main() -> None:
         "upstreams": [{"name": "fake", "base_url": up + "/v1", "default": True}],
         "storage": {"url": f"sqlite:///{work / 'ledger.db'}"},
         "logging": {"file": str(work / "meterproxy.log"), "level": "INFO"},
-        "budgets": {"agents": {"streamer": {"max_cost_per_day_usd": 1_000_000}}},
     }
+    if not args.without_budget:  # a budget: each stream metered as it flows
+        config["budgets"] = {"agents": {"streamer": {"max_cost_per_day_usd": 1_000_000}}}
     (work / "meterproxy.yaml").write_text(json.dumps(config))
     py = sys.executable
     procs = {
@@ -160,7 +164,8 @@ def main() -> None:
             proc.wait_ready()
         print(
             f"{args.streams} streams opened over {args.ramp:g} s, each a chunk every 20-50 ms"
-            f" for {args.seconds:g} s; proxies on core 0, client and upstream on core 1"
+            f" for {args.seconds:g} s; {'no budget' if args.without_budget else 'a day budget'};"
+            f" proxies on core 0, client and upstream on core 1"
             f" (work directory {work})"
         )
         print(

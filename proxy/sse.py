@@ -32,8 +32,11 @@ MAX_EVENT_BYTES = 16 << 20  # far above real final events (a few MB with long in
 _HEAD_BYTES = 4096  # of an event too large to parse: its type is at the start...
 _TAIL_BYTES = 256 * 1024  # ...and its usage at the end
 AFTER_FINAL_BYTES = 64 * 1024  # what may follow the final event (a comment, padding)
-_KEEP_DATA_BYTES = 256 * 1024  # event payloads kept for estimating output, before folding
+# Events kept whole for an estimate (needed only if the usage never comes): folded into
+# their text past this, since a thousand open streams would hold it each.
+_KEEP_DATA_BYTES = 8 * 1024
 _KEEP_TEXT_CHARS = 256 * 1024  # generated text kept for tiktoken; beyond: 4 chars a token
+_JOIN_TEXTS = 64  # pieces of kept text joined into one string past this many
 
 
 def _payload(event: bytes) -> bytes:
@@ -44,6 +47,16 @@ def _payload(event: bytes) -> bytes:
             value = line[5:]
             lines.append(value[1:] if value.startswith(b" ") else value)
     return b"\n".join(lines)
+
+
+def _events(blob: bytes) -> list[bytes]:
+    """Whole events, without their separators."""
+    if b"\r" in blob:
+        return [e for e in _BOUNDARY.split(blob) if e]
+    events = blob.split(b"\n\n")
+    if not events[-1]:
+        events.pop()
+    return events
 
 
 def _last_boundary(buf: bytes, limit: int) -> int:
@@ -108,12 +121,10 @@ class StreamMeter:
         if not self._tail and chunk.endswith(_SEPARATORS) and not reader.has_marker(chunk):
             # Whole events, none of which matters to metering: most chunks of any stream.
             reader.sniff_model(chunk)
-            if not self.count_output:
-                self._keep(chunk)
-            elif b"\r" in chunk:
-                self._count_texts(e for e in _BOUNDARY.split(chunk) if e)
+            if self.count_output:
+                self._count_texts(_events(chunk))
             else:
-                self._count_texts(chunk.split(b"\n\n")[:-1])
+                self._keep(chunk)
             return reader.rewrite(chunk)
         buf = self._tail + chunk if self._tail else chunk
         end = _last_boundary(buf, len(buf))
@@ -181,16 +192,17 @@ class StreamMeter:
             out.append(event)
 
     def _count_texts(self, events: Iterable[bytes]) -> None:
-        """The generated text of plain events, for a stream budget (the common case of
-        `_event`, without its per-event routing: one parse and a lookup per event)."""
-        texts = self.reader.texts
+        """The generated text of plain events: for a stream budget, and kept for an
+        estimate (the common case of `_event`, without its per-event routing)."""
+        texts, fresh = self.reader.texts, self.fresh if self.count_output else None
         for event in events:
             if event.startswith(b"data: ") and b"\n" not in event:
                 payload = event[6:]
             else:
                 payload = _payload(event)
             for text in texts(_json(payload)):
-                self.fresh.append(text)
+                if fresh is not None:
+                    fresh.append(text)
                 self._text(text)
 
     def _after(self, data: bytes) -> None:
@@ -237,15 +249,19 @@ class StreamMeter:
 
     def _text(self, text: str) -> None:
         if self._text_chars < _KEEP_TEXT_CHARS:
-            self.texts.append(text)
+            texts = self.texts
+            texts.append(text)
             self._text_chars += len(text)
+            if len(texts) > _JOIN_TEXTS:
+                # A token a piece: thousands of tiny strings per stream otherwise
+                # (10 KB of objects for 2 KB of text).
+                texts[:] = ["".join(texts)]
         else:
             self.overflow_chars += len(text)
 
     def _fold(self) -> None:
-        for event in (e for blob in self._data for e in _BOUNDARY.split(blob) if e):
-            for text in self.reader.texts(_json(_payload(event))):
-                self._text(text)
+        for blob in self._data:
+            self._count_texts(_events(blob))
         self._data.clear()
         self._data_bytes = 0
 
