@@ -171,11 +171,17 @@ def main() -> None:
     parser.add_argument(
         "--telemetry", action="store_true", help="meterproxy also exports OTLP to a local sink"
     )
+    parser.add_argument(
+        "--peer", choices=["litellm"], help="also measure this proxy (installed on first use)"
+    )
+    parser.add_argument(
+        "--peer-rate", type=float, default=20, help="open-loop calls per second for the peer"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="meterproxy-bench-"))
-    ports = {name: free_port() for name in ("upstream", "floor", "meterproxy", "otlp")}
+    ports = {name: free_port() for name in ("upstream", "floor", "meterproxy", "otlp", "litellm")}
     upstream_url = f"http://127.0.0.1:{ports['upstream']}"
     config = {
         "server": {"host": "127.0.0.1", "port": ports["meterproxy"]},
@@ -227,6 +233,11 @@ def main() -> None:
             workdir / "otlp.log",
         )
     try:
+        if args.peer:
+            from bench.peers import start_litellm
+
+            procs["litellm"] = start_litellm(ports["litellm"], upstream_url, workdir)
+            procs["litellm"].wait_ready(180)
         for p in procs.values():
             p.wait_ready()
         run(args, procs, ports, workdir)
@@ -242,9 +253,9 @@ def main() -> None:
 def run(
     args: argparse.Namespace, procs: dict[str, Process], ports: dict[str, int], workdir: Path
 ) -> None:
-    targets = ["floor", "meterproxy"]
+    targets = ["floor", "meterproxy"] + (["litellm"] if args.peer else [])
     print(f"warm-up ... (work directory {workdir})", flush=True)
-    for name in ("floor", "meterproxy"):
+    for name in targets:
         wrk(ports[name], SCENARIOS["json"], 2, workdir)
 
     # -- throughput: wrk, closed loop, 32 connections, rounds rotating the order -------
@@ -280,12 +291,25 @@ def run(
                 lat[key].errors += res.errors
             else:
                 lat[key] = res
+    if args.peer:
+        for name in ("upstream", "meterproxy", "litellm", "upstream", "meterproxy", "litellm"):
+            res = latency(ports[name], SCENARIOS["json"], args.peer_rate, args.latency_seconds / 2)
+            key = (name, "json, peer rate")
+            if key in lat:
+                lat[key].latencies += res.latencies
+                lat[key].errors += res.errors
+            else:
+                lat[key] = res
     # -- RSS after many calls ----------------------------------------------------------------
     mp_calls = ledger_rows(workdir)
     while mp_calls < args.rss_calls:
         wrk(ports["meterproxy"], SCENARIOS["json"], 5, workdir)
         mp_calls = ledger_rows(workdir)
     report(args, throughput, cpu, direct, lat, procs, mp_calls)
+    if args.peer:
+        from bench.peers import report_peer
+
+        report_peer(args, throughput, lat, procs)
     if args.extras:
         extras(procs, ports)
 

@@ -87,6 +87,7 @@ WORDS = [
 ]
 STAMP = b'"x_sent_ns":'
 SECONDS = b'"bench_seconds": '
+INTERVAL = b'"bench_chunk_ms": ['
 
 
 def _chunked(payload: bytes) -> bytes:
@@ -94,9 +95,9 @@ def _chunked(payload: bytes) -> bytes:
 
 
 class LongStreamUpstream(asyncio.Protocol):
-    """Answers every POST with an SSE stream: a chunk every 20-50 ms for the body's
-    "bench_seconds", each carrying its send time (ns); then usage and [DONE]. Keep-alive,
-    like a provider."""
+    """Answers every POST with an SSE stream: a chunk every 20-50 ms (or the body's
+    "bench_chunk_ms") for the body's "bench_seconds", each carrying its send time (ns);
+    then usage and [DONE]. Keep-alive, like a provider."""
 
     def __init__(self) -> None:
         self.buf = b""
@@ -104,6 +105,7 @@ class LongStreamUpstream(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.sent = 0
         self.end = 0.0
+        self.interval = (0.02, 0.05)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -124,7 +126,12 @@ class LongStreamUpstream(asyncio.Protocol):
         body = self.buf[head_end + 4 : head_end + 4 + length]
         self.buf = self.buf[head_end + 4 + length :]
         at = body.find(SECONDS)
-        self.start(float(body[at + len(SECONDS) :].split(b",")[0].split(b"}")[0]) if at >= 0 else 1)
+        seconds = float(body[at + len(SECONDS) :].split(b",")[0]) if at >= 0 else 1.0
+        at = body.find(INTERVAL)
+        if at >= 0:
+            lo, hi = body[at + len(INTERVAL) :].split(b"]")[0].split(b",")
+            self.interval = (float(lo) / 1000, float(hi) / 1000)
+        self.start(seconds)
 
     def start(self, seconds: float) -> None:
         assert self.transport is not None
@@ -134,7 +141,7 @@ class LongStreamUpstream(asyncio.Protocol):
         )
         self.sent = 0
         self.end = self.loop.time() + seconds
-        self.loop.call_later(random.uniform(0.02, 0.05), self.tick)
+        self.loop.call_later(random.uniform(*self.interval), self.tick)
 
     def tick(self) -> None:
         t = self.transport
@@ -162,7 +169,7 @@ class LongStreamUpstream(asyncio.Protocol):
         self.sent += 1
         word = WORDS[self.sent % len(WORDS)]
         t.write(_chunked(CHUNK_HEAD + b"%d" % time.time_ns() + CHUNK_MID + word + CHUNK_TAIL))
-        self.loop.call_later(random.uniform(0.02, 0.05), self.tick)
+        self.loop.call_later(random.uniform(*self.interval), self.tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -271,11 +278,12 @@ class StreamClient(asyncio.Protocol):
             self.end(f"connection lost: {type(exc).__name__ if exc else 'closed'}")
 
 
-def stream_request(port: int, path: str, seconds: float) -> bytes:
+def stream_request(port: int, path: str, seconds: float, chunk_ms: tuple[int, int]) -> bytes:
     body = json.dumps(
         {
             "model": "gpt-4o-mini",
             "bench_seconds": seconds,
+            "bench_chunk_ms": list(chunk_ms),
             "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": "Write a long story."}],
@@ -289,13 +297,19 @@ def stream_request(port: int, path: str, seconds: float) -> bytes:
 
 
 async def run_clients(
-    port: int, path: str, n: int, seconds: float, ramp: float, limit: float
+    port: int,
+    path: str,
+    n: int,
+    seconds: float,
+    ramp: float,
+    limit: float,
+    chunk_ms: tuple[int, int] = (20, 50),
 ) -> Tally:
     """Opens n streams spread evenly over `ramp` seconds (thousands of agents do not
     connect in the same millisecond) and waits, at most `limit` seconds, for all."""
     loop = asyncio.get_running_loop()
     tally = Tally()
-    request = stream_request(port, path, seconds)
+    request = stream_request(port, path, seconds, chunk_ms)
     futures: list[asyncio.Future[None]] = []
 
     async def open_one(finished: asyncio.Future[None]) -> None:

@@ -6,7 +6,8 @@ over the warmed-up idle process, CPU per chunk, and the time a chunk spends betw
 upstream and the client (the fake upstream writes its send time into each chunk; the
 client subtracts it on arrival: the floor's figure is what any proxy on this stack adds).
 The load side is raw asyncio protocols (`bench.stream_load`) on core 1; the proxies get
-core 0. Every loop is bounded by --seconds.
+core 0. Every loop is bounded by --seconds. `--chunk-ms 200-500` slows every stream (5,000
+streams at 20-50 ms are 140,000 chunks a second: more than one core can relay).
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from bench.stream_load import run_clients, serve_upstream
 def client(port: int, path: str, args: argparse.Namespace, out: Path) -> None:
     tally = asyncio.run(
         run_clients(
-            port, path, args.streams, args.seconds, args.ramp, args.seconds + args.ramp + 60
+            port,
+            path,
+            args.streams,
+            args.seconds,
+            args.ramp,
+            args.seconds + args.ramp + 60,
+            chunk_ms(args.chunk_ms),
         )
     )
     d = sorted(tally.delays_ms)
@@ -62,7 +69,9 @@ def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -
     idle = rss_mb(proc.proc.pid)
     cpu0 = proc.cpu_seconds()
     out = work / f"{name}.json"
-    c = subprocess.Popen(client_argv(proc.port, args.streams, args.seconds, args.ramp, out))
+    c = subprocess.Popen(
+        client_argv(proc.port, args.streams, args.seconds, args.ramp, out, args.chunk_ms)
+    )
     peak = idle
     while c.poll() is None:
         time.sleep(0.5)
@@ -75,7 +84,14 @@ def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -
     return data
 
 
-def client_argv(port: int, streams: int, seconds: float, ramp: float, out: Path) -> list[str]:
+def chunk_ms(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
+
+
+def client_argv(
+    port: int, streams: int, seconds: float, ramp: float, out: Path, every: str = "20-50"
+) -> list[str]:
     return pinned(
         1,
         [
@@ -92,6 +108,8 @@ def client_argv(port: int, streams: int, seconds: float, ramp: float, out: Path)
             str(ramp),
             "--out",
             str(out),
+            "--chunk-ms",
+            every,
         ],
     )
 
@@ -103,6 +121,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=30, help="how long each stream lasts")
     p.add_argument("--ramp", type=float, default=5, help="seconds over which streams open")
+    p.add_argument("--chunk-ms", default="20-50", help="a chunk every LO-HI ms, each stream")
     p.add_argument(
         "--without-budget", action="store_true", help="meterproxy meters, but no budget applies"
     )
@@ -163,7 +182,8 @@ def main() -> None:
         for proc in procs.values():
             proc.wait_ready()
         print(
-            f"{args.streams} streams opened over {args.ramp:g} s, each a chunk every 20-50 ms"
+            f"{args.streams} streams opened over {args.ramp:g} s, each a chunk every"
+            f" {args.chunk_ms} ms"
             f" for {args.seconds:g} s; {'no budget' if args.without_budget else 'a day budget'};"
             f" proxies on core 0, client and upstream on core 1"
             f" (work directory {work})"
