@@ -182,3 +182,23 @@ async def test_spend_api_and_cli_report_give_the_same_numbers(
         assert json.loads(out) == api
         _, out, _ = await arun(capsys, *argv, "--format", "csv")
         assert out == api_csv
+
+
+def test_serve_lifts_the_open_files_limit_to_the_hard_one() -> None:
+    """Each open stream holds two sockets: a soft limit of 1,024 would refuse the 513th
+    concurrent stream. serve lifts it; a limit already at the hard one stays."""
+    import resource
+
+    from proxy.cli_serve import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if want <= 256:
+        pytest.skip(f"hard open-files limit {hard} leaves nothing to lift")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert raise_open_files_limit() == (256, want)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (want, hard)
+        assert raise_open_files_limit() == (want, want)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
