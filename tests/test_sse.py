@@ -85,3 +85,29 @@ def test_invalid_usage_is_reported_not_priced() -> None:
     meter.feed(event({"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": 1}}))
     assert meter.facts.usage is None
     assert meter.facts.usage_error is not None and "'many'" in meter.facts.usage_error
+
+
+def _token_chunk(i: int) -> bytes:
+    word = f" w{i % 97}"
+    return event(
+        {"object": "chat.completion.chunk", "model": "gpt-4o",
+         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+    )  # fmt: skip
+
+
+def test_a_long_stream_holds_one_string_of_its_text_not_its_events() -> None:
+    """Thousands of open streams: each keeps what an estimate needs (its text), joined,
+    and at most 8 KB of raw events; the text is whole, in order, whatever the mode."""
+    chunks = [_token_chunk(i) for i in range(3000)]
+    expected = "".join(f" w{i % 97}" for i in range(3000))
+    for count_output in (False, True):
+        meter = StreamMeter(ChatReader(strip_usage=False), count_output=count_output)
+        fresh: list[str] = []
+        for chunk in chunks:
+            assert meter.feed(chunk) == chunk
+            fresh += meter.take_fresh()
+            assert meter._data_bytes <= 8 * 1024
+            assert len(meter.texts) <= 65
+        assert sum(len(c) for c in chunks) > 200_000  # far past what may be kept raw
+        assert "".join(meter.generated_texts()) == expected
+        assert fresh == ([f" w{i % 97}" for i in range(3000)] if count_output else [])
