@@ -6,13 +6,14 @@ token per byte of text) until the running cost nears the reservation, then tikto
 what came since the last look (pieces joined 64 at a time, to hold one string, not
 thousands). A provider streams whole tokens per event, so counting pieces apart matches
 its count; a word split across two pieces counts one token more, never less: the cut
-comes a token early, never late. (Counting
-the slice whole again at each look, as before, cost O(n^2) per slice: at 1,000 open
-streams two thirds of the proxy's CPU.) At 80% of the reservation the next slice is asked for,
-in the background, so the database round trip (shared budgets) is not on the way of the
-events; a stream only waits for it when it has used its whole reservation first. When a
-slice is refused and the reservation is used, the stream is cut: what was generated up
-to there (and billed) is what the client got.
+comes a token early, never late. (Counting the whole slice again at each look is O(n^2)
+per slice: at 1,000 open streams it took two thirds of the CPU.)
+
+At 80% of the reservation the next slice is asked for, in the background, so the
+database round trip (shared budgets) is not on the way of the events; a stream only
+waits for it when it has used its whole reservation first. When a slice is refused and
+the reservation is used, the stream is cut: what was generated up to there (and billed)
+is what the client got.
 
 Reasoning tokens a stream does not show (OpenAI's o- and gpt-5 series, Gemini 2.5) cannot
 be counted this way: those streams are capped instead (`proxy.reservation`).
