@@ -292,7 +292,8 @@ def run(
             else:
                 lat[key] = res
     if args.peer:
-        for name in ("upstream", "meterproxy", "litellm", "upstream", "meterproxy", "litellm"):
+        order = ("upstream", "floor", "meterproxy", "litellm")
+        for name in order + order[::-1]:
             res = latency(ports[name], SCENARIOS["json"], args.peer_rate, args.latency_seconds / 2)
             key = (name, "json, peer rate")
             if key in lat:

@@ -104,7 +104,7 @@ def report_peer(
     base = lat[("upstream", key)]
     rows = []
     added: dict[str, float] = {}
-    for name in ("upstream", "meterproxy", "litellm"):
+    for name in ("upstream", "floor", "meterproxy", "litellm"):
         r = lat[(name, key)]
         added[name] = r.pct(r.latencies, 50) - base.pct(base.latencies, 50)
         rows.append(
