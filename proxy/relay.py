@@ -170,8 +170,11 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
                 await out.write(data)
             if meter.final_seen:
                 break
-            look = budget is not None and budget.note(meter.take_fresh())
-            if look and budget is not None and (refusal := await budget.after()):
+            if (
+                budget is not None
+                and budget.note(meter.take_fresh())
+                and (refusal := await budget.after())
+            ):
                 break
         if meter.final_seen and not response.content.at_eof():
             cut = await _after_final(meter, response, decode)

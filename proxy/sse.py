@@ -183,9 +183,7 @@ class StreamMeter:
             self._held.append(event)
             return
         if self.count_output and obj is not None:
-            for text in self.reader.texts(obj):
-                self.fresh.append(text)
-                self._text(text)
+            self._take_texts(obj)
         elif verdict is Verdict.SEND:
             self._keep(event)
         if verdict is Verdict.SEND:
@@ -194,16 +192,19 @@ class StreamMeter:
     def _count_texts(self, events: Iterable[bytes]) -> None:
         """The generated text of plain events: for a stream budget, and kept for an
         estimate (the common case of `_event`, without its per-event routing)."""
-        texts, fresh = self.reader.texts, self.fresh if self.count_output else None
         for event in events:
             if event.startswith(b"data: ") and b"\n" not in event:
                 payload = event[6:]
             else:
                 payload = _payload(event)
-            for text in texts(_json(payload)):
-                if fresh is not None:
-                    fresh.append(text)
-                self._text(text)
+            self._take_texts(_json(payload))
+
+    def _take_texts(self, obj: Any) -> None:
+        """An event's generated text: kept for an estimate, and fresh for a stream budget."""
+        for text in self.reader.texts(obj):
+            if self.count_output:
+                self.fresh.append(text)
+            self._text(text)
 
     def _after(self, data: bytes) -> None:
         self.after_final += len(data)

@@ -29,6 +29,7 @@ from proxy.enforcer import Enforcer, Refusal
 from proxy.tokens import TokenCounter
 
 EARLY = 0.8  # ask for the next slice at this share of the reservation
+_JOIN_PIECES = 64  # uncounted pieces of text joined into one string past this many
 
 
 class StreamBudget:
@@ -72,7 +73,7 @@ class StreamBudget:
             self._uncounted.extend(texts)
             for text in texts:
                 self._loose += len(text) if text.isascii() else len(text.encode())
-            if len(self._uncounted) > 64:  # far from the reservation's end: held a while
+            if len(self._uncounted) > _JOIN_PIECES:  # far from the end: held a while
                 self._uncounted[:] = ["".join(self._uncounted)]
         return self.refusal is not None or self.spent_bound >= EARLY * self.ticket.amount
 
