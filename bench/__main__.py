@@ -65,7 +65,9 @@ def pinned(core: int, argv: list[str]) -> list[str]:
 
 
 class Process:
-    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], port: int, log: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.port = port
         self.log = log.open("w")
@@ -73,7 +75,7 @@ class Process:
             argv,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def wait_ready(self, seconds: float = 30) -> None:
@@ -281,26 +283,23 @@ def run(
 
     # -- added latency: open loop at a fixed rate ------------------------------------------
     lat: dict[tuple[str, str], Result] = {}
+
+    def measure(names: tuple[str, ...], scenario: str, rate: float, key: str) -> None:
+        """Each target in `names` order, then in reverse: two halves of the time each."""
+        for name in names + names[::-1]:
+            res = latency(ports[name], SCENARIOS[scenario], rate, args.latency_seconds / 2)
+            if (name, key) in lat:
+                lat[(name, key)].latencies += res.latencies
+                lat[(name, key)].ttfb += res.ttfb
+                lat[(name, key)].errors += res.errors
+            else:
+                lat[(name, key)] = res
+
     for scenario in ("json", "stream, usage added"):
-        for name in ("upstream", "floor", "meterproxy", "floor", "meterproxy", "upstream"):
-            res = latency(ports[name], SCENARIOS[scenario], args.rate, args.latency_seconds / 2)
-            key = (name, scenario)
-            if key in lat:
-                lat[key].latencies += res.latencies
-                lat[key].ttfb += res.ttfb
-                lat[key].errors += res.errors
-            else:
-                lat[key] = res
+        measure(("upstream", "floor", "meterproxy"), scenario, args.rate, scenario)
     if args.peer:
-        order = ("upstream", "floor", "meterproxy", "litellm")
-        for name in order + order[::-1]:
-            res = latency(ports[name], SCENARIOS["json"], args.peer_rate, args.latency_seconds / 2)
-            key = (name, "json, peer rate")
-            if key in lat:
-                lat[key].latencies += res.latencies
-                lat[key].errors += res.errors
-            else:
-                lat[key] = res
+        measure(("upstream", "floor", "meterproxy", "litellm"), "json", args.peer_rate,
+                "json, peer rate")  # fmt: skip
     # -- RSS after many calls ----------------------------------------------------------------
     mp_calls = ledger_rows(workdir)
     while mp_calls < args.rss_calls:

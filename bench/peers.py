@@ -9,7 +9,6 @@ single machine: one worker, no database, the model routed to the same fake upstr
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -65,16 +64,14 @@ def start_litellm(port: int, upstream_url: str, workdir: Path) -> Process:
     }
     path = workdir / "litellm.yaml"
     path.write_text(json.dumps(config))  # YAML is a superset of JSON
-    os.environ.update(
-        {
-            # the price map bundled with the package, not fetched from GitHub
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            # no master key: like meterproxy's bench, nothing checks a key
-            "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
-        }
-    )
+    env = {
+        # the price map bundled with the package, not fetched from GitHub
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        # no master key: like meterproxy's bench, nothing checks a key
+        "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+    }
     argv = [str(command), "--config", str(path), "--port", str(port), "--num_workers", "1"]
-    return Process("litellm", pinned(0, argv), port, workdir / "litellm.log")
+    return Process("litellm", pinned(0, argv), port, workdir / "litellm.log", env)
 
 
 def report_peer(

@@ -24,67 +24,12 @@ CHUNK_HEAD = (
 )
 CHUNK_MID = b',"choices":[{"index":0,"delta":{"content":"'
 CHUNK_TAIL = b'"},"finish_reason":null}]}\n\n'
-WORDS = [
-    b" " + w.encode()
-    for w in [
-        "the",
-        "of",
-        "and",
-        "to",
-        "a",
-        "in",
-        "is",
-        "that",
-        "it",
-        "was",
-        "for",
-        "on",
-        "are",
-        "with",
-        "as",
-        "I",
-        "be",
-        "at",
-        "by",
-        "this",
-        "had",
-        "not",
-        "but",
-        "from",
-        "or",
-        "have",
-        "an",
-        "they",
-        "which",
-        "one",
-        "you",
-        "were",
-        "all",
-        "her",
-        "she",
-        "there",
-        "would",
-        "their",
-        "we",
-        "him",
-        "been",
-        "has",
-        "when",
-        "who",
-        "will",
-        "no",
-        "more",
-        "if",
-        "out",
-        "so",
-        "said",
-        "what",
-        "up",
-        "its",
-        "about",
-        "into",
-    ]
-]
+_VOCABULARY = (
+    "the of and to a in is that it was for on are with as I be at by this had not but from"
+    " or have an they which one you were all her she there would their we him been has"
+    " when who will no more if out so said what up its about into"
+)
+WORDS = [b" " + w.encode() for w in _VOCABULARY.split()]
 STAMP = b'"x_sent_ns":'
 SECONDS = b'"bench_seconds": '
 INTERVAL = b'"bench_chunk_ms": ['

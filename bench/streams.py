@@ -56,17 +56,10 @@ def client(port: int, path: str, args: argparse.Namespace, out: Path) -> None:
     )
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -> dict:
     warm = work / f"{name}-warm.json"
     subprocess.run(client_argv(proc.port, 50, 1, 1, warm), check=True)
-    idle = rss_mb(proc.proc.pid)
+    idle = proc.rss_mb()
     cpu0 = proc.cpu_seconds()
     out = work / f"{name}.json"
     c = subprocess.Popen(
@@ -75,7 +68,7 @@ def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -
     peak = idle
     while c.poll() is None:
         time.sleep(0.5)
-        peak = max(peak, rss_mb(proc.proc.pid))
+        peak = max(peak, proc.rss_mb())
     data: dict = json.loads(out.read_text())
     cpu = proc.cpu_seconds() - cpu0
     data["rss_per_stream_kb"] = (peak - idle) * 1024 / args.streams
