@@ -274,6 +274,12 @@ def _ledger_metrics(svc: Services) -> Iterator[GaugeMetricFamily | CounterMetric
         "meterproxy_ledger_stalled", "1 while rows have waited storage.stall_seconds or more",
         value=1 if ledger.stalled else 0,
     )  # fmt: skip
+    yield CounterMetricFamily(
+        "meterproxy_ledger_unconfirmed_answers",
+        "Calls answered before their row was committed (a commit took longer than"
+        " storage.commit_timeout_seconds)",
+        value=ledger.unconfirmed,
+    )
     spool = ledger.spool
     if spool is not None:
         yield GaugeMetricFamily(

@@ -4,8 +4,12 @@ Handlers `submit()` a row and await its future. While a batch is being committed
 wait; when it is done, everything that arrived meanwhile goes as the next batch, in one
 transaction, so concurrent calls share a commit and no call pays a commit of its own. A
 handler awaits its row's commit before the last byte of its response goes out: that is
-the durability promise. The wait is bounded (`commit_timeout`): a database that hangs
-delays answers by that much, and never stops the proxy answering.
+the durability promise. The wait is bounded (`commit_timeout`): when a row has waited
+that long, the calls waiting are answered without their commit, and later calls do not
+wait either until rows commit within the bound again. A database that hangs delays
+answers once by `commit_timeout`, never stops the proxy answering, and the answers that
+went out unconfirmed are counted (`unconfirmed`). One timer watches the oldest waiting
+row, rather than a timeout per call: waiting is the hot path.
 
 There is no writer task: a batch is handed to the storage engine straight from `submit`
 (or from the end of the previous batch), and the engine calls back when it is committed.
@@ -44,7 +48,9 @@ from proxy.storage.base import SpendKeys, StorageUnavailable
 PROBE_SECONDS = 1.0  # while offline: how often the database is tried again
 
 log = logging.getLogger("meterproxy.ledger")
-_Entry = tuple[CallRecord, asyncio.Future[None]]
+# A row, the future its caller may await (True: committed or set aside; False: answered
+# without its commit), and when it was submitted (monotonic).
+_Entry = tuple[CallRecord, asyncio.Future[bool], float]
 
 
 class LedgerWriter:
@@ -70,6 +76,8 @@ class LedgerWriter:
         self.clock = clock
         self.offline = False  # the database was unreachable: batches go to the spool
         self._spooling: set[asyncio.Future[None]] = set()
+        self.late = False  # a row waited past commit_timeout: calls do not wait for theirs
+        self._watchdog: asyncio.TimerHandle | None = None
         self._pending: list[_Entry] = []
         self._suspects: deque[_Entry] = deque()  # a refused batch, retried row by row
         self._inflight: list[_Entry] | None = None
@@ -78,12 +86,12 @@ class LedgerWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._progress = time.monotonic()  # last commit, or the moment work started waiting
-        self._slow_warned = False
         self._tasks: set[asyncio.Future[None]] = set()
         self.commits = 0
         self.rows = 0
         self.failures = 0
         self.quarantined = 0
+        self.unconfirmed = 0  # calls answered before their row was committed
 
     @property
     def backlog(self) -> int:
@@ -99,35 +107,60 @@ class LedgerWriter:
     def stalled(self) -> bool:
         return self.seconds_since_progress >= self.stall_seconds
 
-    def submit(self, record: CallRecord) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def submit(self, record: CallRecord) -> asyncio.Future[bool]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        now = time.monotonic()
         problems = record.problems()
         if problems:  # it would fail its whole batch: set aside before it joins one
-            self._set_aside([(record, future)], "; ".join(problems))
+            self._set_aside([(record, future, now)], "; ".join(problems))
             return future
         if not self.backlog:
-            self._progress = time.monotonic()
-        self._pending.append((record, future))
+            self._progress = now
+        self._pending.append((record, future, now))
         self._idle.clear()
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.commit_timeout, self._overdue)
         if self._inflight is None and self._retry is None:
             self._flush()
         return future
 
     async def commit(self, record: CallRecord) -> None:
-        """Submit and wait for the commit, at most `commit_timeout`. Cancelling the caller
-        does not drop the row: the writer holds the record itself and commits it whether
-        anyone still waits or not."""
+        """Submit and wait for the commit, at most `commit_timeout` (none while the
+        ledger is late). Cancelling the caller cancels only its wait: the writer holds the
+        record itself and commits it whether anyone still waits or not."""
         future = self.submit(record)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), self.commit_timeout)
-        except TimeoutError:
-            if not self._slow_warned:
-                self._slow_warned = True
+        if self.late or not await future:
+            self.unconfirmed += 1
+
+    # -- the bound on waiting ------------------------------------------------------------
+
+    def _waiting(self) -> list[_Entry]:
+        """Rows not yet committed, oldest first."""
+        return [*(self._inflight or ()), *self._suspects, *self._pending]
+
+    def _overdue(self) -> None:
+        """The watchdog: answers the callers of rows that waited `commit_timeout`, and
+        sleeps until the next row would have."""
+        self._watchdog = None
+        now = time.monotonic()
+        waiting = [e for e in self._waiting() if not e[1].done()]
+        if not waiting:
+            return
+        overdue = [e for e in waiting if now - e[2] >= self.commit_timeout]
+        if overdue:
+            if not self.late:
                 log.warning(
                     "ledger: a commit took longer than %gs (%d rows waiting); calls are"
                     " answered without waiting for their rows until it catches up",
                     self.commit_timeout, self.backlog,
                 )  # fmt: skip
+            self.late = True
+            for _, future, _ in overdue:
+                future.set_result(False)
+        unanswered = [e[2] for e in waiting if not e[1].done()]
+        delay = min(unanswered) + self.commit_timeout - now if unanswered else self.commit_timeout
+        self._watchdog = asyncio.get_running_loop().call_later(max(delay, 0.0), self._overdue)
 
     # -- batches -----------------------------------------------------------------------
 
@@ -145,7 +178,7 @@ class LedgerWriter:
         if self.offline:
             self._to_spool(batch)
         else:
-            self.storage.write_calls_then([r for r, _ in batch], self._done, self.spend_keys)
+            self.storage.write_calls_then([e[0] for e in batch], self._done, self.spend_keys)
 
     def _done(self, error: BaseException | None) -> None:
         batch = self._inflight or []
@@ -180,15 +213,19 @@ class LedgerWriter:
             return
         self._delay = 0.05
         self._progress = time.monotonic()
-        self._slow_warned = False
         self.commits += 1
         self.rows += len(batch)
         self._answer(batch)
 
     def _answer(self, batch: list[_Entry]) -> None:
-        for _, future in batch:
+        for _, future, _ in batch:
             if not future.done():
-                future.set_result(None)
+                future.set_result(True)
+        caught_up = not self._pending and not self._suspects
+        if self.late and (caught_up or self._progress - batch[0][2] < self.commit_timeout):
+            self.late = False  # rows commit within the bound again: calls wait for theirs
+            log.warning("ledger: commits are back within %gs; calls wait for their rows again",
+                        self.commit_timeout)  # fmt: skip
         self._flush()
 
     # -- quarantine --------------------------------------------------------------------
@@ -197,14 +234,14 @@ class LedgerWriter:
         """Rows that cannot be stored: kept whole where they can be inspected, and their
         callers answered (the rest of the ledger goes on)."""
         self.quarantined += len(entries)
-        for record, future in entries:
+        for record, future, _ in entries:
             log.error(
                 "ledger: row %s (agent %s, %s %s) cannot be stored and is quarantined: %s",
                 record.id, record.agent, record.method, record.endpoint, why,
             )  # fmt: skip
             if not future.done():
-                future.set_result(None)
-        aside = [(r, why) for r, _ in entries]
+                future.set_result(True)
+        aside = [(e[0], why) for e in entries]
         task = asyncio.ensure_future(self._keep_aside(aside))
         self._tasks.add(task)  # held until done, so it is not collected half-way
         task.add_done_callback(self._tasks.discard)
@@ -233,7 +270,7 @@ class LedgerWriter:
 
     def _to_spool(self, batch: list[_Entry]) -> None:
         assert self.spool is not None
-        records = [record for record, _ in batch]
+        records = [e[0] for e in batch]
         task = asyncio.ensure_future(self.spool.append(records))
         self._spooling.add(task)  # a reference, so the task is not collected mid-write
         task.add_done_callback(self._spooling.discard)
@@ -279,17 +316,18 @@ class LedgerWriter:
         could not be (they are saved to the quarantine file, not dropped)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(grace, 0.0))
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        left = [*self._suspects, *self._pending, *(self._inflight or ())]
+        for timer in (self._retry, self._watchdog):
+            if timer is not None:
+                timer.cancel()
+        self._retry = self._watchdog = None
+        left = self._waiting()
         if left:
             log.error(
                 "ledger: %d rows could not be written before shutdown; they are saved to %s",
                 len(left), self.quarantine_file or "the log",
             )  # fmt: skip
-            await asyncio.to_thread(self._to_file, [(r, "not written before shutdown")
-                                                    for r, _ in left])  # fmt: skip
+            await asyncio.to_thread(self._to_file, [(e[0], "not written before shutdown")
+                                                    for e in left])  # fmt: skip
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(grace, 1.0))
         return len(left)

@@ -198,6 +198,39 @@ async def test_a_writer_that_cannot_commit_says_so_and_calls_are_still_answered(
         holder.join(10)
 
 
+async def test_once_a_commit_is_late_calls_stop_waiting_until_the_ledger_catches_up(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(commit_timeout=1.0)
+    path = proxy.config.db_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the database
+    ledger = proxy.svc.ledger
+
+    async def timed(s: aiohttp.ClientSession) -> tuple[int, float]:
+        started = time.monotonic()
+        status = await _chat(s, proxy.url)
+        return status, time.monotonic() - started
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            answers = [await timed(s) for _ in range(4)]
+            assert [status for status, _ in answers] == [200] * 4
+            assert answers[0][1] >= 1.0  # the first call waited the whole bound
+            assert all(seconds < 0.5 for _, seconds in answers[1:])  # the rest did not
+            assert ledger.late and ledger.unconfirmed == 4 and ledger.backlog == 4
+            async with s.get(proxy.url + "/metrics") as r:
+                assert "meterproxy_ledger_unconfirmed_answers_total 4.0" in await r.text()
+            holder.execute("ROLLBACK")
+            await proxy.flushed()
+            assert not ledger.late  # caught up: the next call waits for its row again
+            assert await _chat(s, proxy.url) == 200
+            assert ledger.unconfirmed == 4
+        assert len(await proxy.rows()) == 5
+    finally:
+        holder.close()
+
+
 async def test_sigterm_exits_within_grace_and_saves_what_it_could_not_write(
     fake: Any, tmp_path: Path
 ) -> None:
