@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.records import CallRecord
 from proxy.storage.migrations import MIGRATIONS
@@ -39,10 +39,12 @@ class StorageUnavailable(StorageError):
 MINUTE_COUNTERS_KEEP_SECONDS = 7200
 
 
-@dataclass(frozen=True, slots=True)
-class CounterKey:
+class CounterKey(NamedTuple):
     """One shared budget counter: a scope (`agent:NAME`, `global`, `intent:ID`), what it
-    counts (`cost:day`, `requests:minute`, `intents:hour`, `cost:life`...) and its window."""
+    counts (`cost:day`, `requests:minute`, `intents:hour`, `cost:life`...) and its window.
+
+    A named tuple rather than a frozen dataclass: every admission hashes and compares
+    dozens of keys, and a tuple does both in C (a dataclass's `__hash__` is Python)."""
 
     scope: str
     kind: str
