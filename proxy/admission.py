@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from proxy.policy import (
     COST_LIMITS,
@@ -34,6 +35,8 @@ GLOBAL = "global"
 LIFETIME = (0.0, 1e18)  # the "window" of an intent's lifetime counter
 MINUTE_KIND = "cost:minute"  # per-minute spend, for spend rates (see proxy.spend_rate)
 _SEP = "\x1f"  # ids cannot contain control characters (proxy.ids): a safe separator
+_MEMO_SPAN = ("span",)
+_MEMO_MAX = 4096  # entries per plan (an agent's intents in one minute); then it starts over
 
 
 def agent_scope(agent: str) -> str:
@@ -88,6 +91,10 @@ class Plan:
     rates: bool = False  # a spend-rate breaker applies
     rate_per_intent: bool = False  # ...per intent: the intent's minute counters are kept
     progress: bool = False  # a limit on spend without progress applies
+    # What depends only on the plan and which calendar windows `now` is in (its limits,
+    # its spend keys), kept for as long as no window changes: see `_memo`.
+    memo: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False,
+                                                   repr=False)  # fmt: skip
 
 
 def make_plan(policies: PolicySet, agent: str, user: str | None = None) -> Plan:
@@ -173,8 +180,8 @@ class Admission:
     amount: int  # pico-USD reserved
     now: float
     demands: list[Demand]  # in key order: counter stores lock them in this order
-    limits: list[Limit]
-    spend_keys: list[CounterKey]  # every counter the call's cost goes to
+    limits: Sequence[Limit]
+    spend_keys: Sequence[CounterKey]  # every counter the call's cost goes to
     loop: LoopSpec | None = None
     # The least a limit that blocks would let the call reserve (its output cap clamped to
     # one token); None: the whole amount. Alert and dry-run limits count breaches by it.
@@ -224,6 +231,24 @@ def spend_keys(
     return keys
 
 
+def _memo(plan: Plan, calendar: Calendar, now: float) -> dict[tuple[object, ...], object]:
+    """The plan's memo, emptied whenever `now` is past the stretch it was filled in (a
+    window started or ended), grew past its bound, or another calendar asks. Admission
+    and settling both need the same limits and counter keys for every call; building them
+    (a window and a key per limit) was most of admission's time."""
+    memo = plan.memo
+    span = memo.get(_MEMO_SPAN)
+    if (
+        not isinstance(span, tuple)
+        or span[0] is not calendar
+        or not span[1] <= now < span[2]
+        or len(memo) > _MEMO_MAX
+    ):
+        memo.clear()
+        memo[_MEMO_SPAN] = (calendar, *calendar.stable_span(now))
+    return memo
+
+
 def plan_limits(
     plan: Plan,
     agent: str,
@@ -234,11 +259,30 @@ def plan_limits(
     counting: bool = True,
     views: bool = False,
     progress_mark: int = 0,
-) -> list[Limit]:
+) -> tuple[Limit, ...]:
     """The limits that apply to a call of `agent` (under `intent`). `counting=False`
     leaves out the count limits (an extension of an admitted call, a standing check);
     `views=True` includes intent counts even without an intent (a status page).
     `progress_mark`: what the intent had spent at its last progress report."""
+    memo = _memo(plan, calendar, now)
+    key = ("limits", agent, intent, counting, views, progress_mark)
+    limits = memo.get(key)
+    if limits is None:
+        limits = memo[key] = tuple(_limits(plan, agent, intent, calendar, now, counting,
+                                           views, progress_mark))  # fmt: skip
+    return cast(tuple[Limit, ...], limits)
+
+
+def _limits(
+    plan: Plan,
+    agent: str,
+    intent: str | None,
+    calendar: Calendar,
+    now: float,
+    counting: bool,
+    views: bool,
+    progress_mark: int,
+) -> list[Limit]:
     out = []
     for app in plan.applicable:
         policy, action = app.policy, app.policy.action
@@ -288,8 +332,9 @@ def plan_admission(
     `counting=False`: an extension of an admitted call, or a standing check. `free`: a
     call that cannot spend (listing models, retrieving a result): money limits do not
     stop it, count limits and pauses do."""
-    limits = plan_limits(plan, agent, intent, calendar, now, counting=counting,
-                         progress_mark=progress_mark)  # fmt: skip
+    limits: Sequence[Limit] = plan_limits(
+        plan, agent, intent, calendar, now, counting=counting, progress_mark=progress_mark
+    )
     if free:
         limits = [lim for lim in limits if not lim.money]
     adds: dict[CounterKey, tuple[int, int, bool]] = {}
@@ -315,9 +360,14 @@ def plan_admission(
         assert guard is not None
         blocking = guard.max_identical_requests if guard_policy.refuses else None
         loop = LoopSpec(intent or "", digest, now - guard.window_seconds, blocking, guard_policy)
+    memo = _memo(plan, calendar, now)
+    spend = memo.get(("spend", agent, intent))
+    if spend is None:
+        spend = memo[("spend", agent, intent)] = tuple(
+            spend_keys(agent, intent, calendar, now, plan.user_scope, plan.rate_per_intent)
+        )
     return Admission(agent, intent, amount, now, demands, limits,
-                     spend_keys(agent, intent, calendar, now, plan.user_scope,
-                                plan.rate_per_intent), loop)  # fmt: skip
+                     cast(tuple[CounterKey, ...], spend), loop)  # fmt: skip
 
 
 # -- the decision ------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ status, `/metrics` gauges, the dashboard's bars. Read-only; nothing here decides
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from proxy.admission import GLOBAL, Limit, agent_scope, plan_limits
@@ -19,7 +19,7 @@ def known_agents(enforcer: Enforcer) -> list[str]:
     return sorted(names)
 
 
-def limits_of(enforcer: Enforcer, agent: str, now: float) -> list[Limit]:
+def limits_of(enforcer: Enforcer, agent: str, now: float) -> Sequence[Limit]:
     """Every limit in force for the agent's calls (per-intent cost limits are per intent:
     `GET /meter/intents/...` shows them)."""
     return plan_limits(enforcer.plan(agent), agent, None, enforcer.calendar, now, views=True)

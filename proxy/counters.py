@@ -13,7 +13,7 @@ only in memory, so a crash can never leave one behind.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +36,7 @@ class Ticket:
     intent: str | None
     amount: int  # pico-USD reserved, extensions included
     keys: list[CounterKey] = field(default_factory=list)  # counters holding the reservation
-    spend: list[CounterKey] = field(default_factory=list)  # counters its cost goes to
+    spend: Sequence[CounterKey] = ()  # counters its cost goes to
     lease: str | None = None  # shared budgets: the reservation's id in the database
     settled: bool = False
     user: str | None = None  # the end user whose limits it was admitted under

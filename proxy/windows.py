@@ -20,6 +20,17 @@ class Calendar:
         self.tz = ZoneInfo(tz)
         self.tz_name = tz
         self._memo: dict[str, tuple[float, float]] = {}
+        self._stable = (0.0, 0.0)
+
+    def stable_span(self, now: float) -> tuple[float, float]:
+        """The stretch around `now` in which no window of any kind starts or ends
+        (normally its minute): what depends only on the windows holds for all of it."""
+        span = self._stable
+        if span[0] <= now < span[1]:
+            return span
+        spans = [self.window(kind, now) for kind in self.KINDS]
+        self._stable = span = (max(s for s, _ in spans), min(e for _, e in spans))
+        return span
 
     def window(self, kind: str, now: float) -> tuple[float, float]:
         memo = self._memo.get(kind)

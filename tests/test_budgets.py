@@ -7,8 +7,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy.admission import Check, breaches, decisive
-from proxy.policy import parse_policy, validate_policy_json
+from proxy.admission import (
+    _MEMO_MAX,
+    Check,
+    breaches,
+    decisive,
+    make_plan,
+    plan_admission,
+    plan_limits,
+)
+from proxy.policy import PolicySet, parse_policy, validate_policy_json
 from proxy.refusals import refusal_message
 from proxy.schema import FieldError, Section
 from proxy.windows import Calendar
@@ -41,6 +49,32 @@ def test_dst_day_is_23_hours() -> None:
     cal = Calendar("Europe/Berlin")
     s, e = cal.window("day", ts("2026-03-29T12:00:00", "Europe/Berlin"))
     assert e - s == 23 * 3600
+
+
+def test_stable_span_is_the_stretch_no_window_crosses() -> None:
+    cal = Calendar("Asia/Kathmandu")  # UTC+5:45: hours and days start at :15 UTC
+    now = ts("2026-11-29T23:59:30", "Asia/Kathmandu")
+    assert cal.stable_span(now) == (now - 30, now + 30)
+    assert cal.stable_span(now + 30) == (now + 30, now + 90)  # the next day's first minute
+
+
+def test_limits_and_spend_keys_are_reused_within_a_minute_and_rebuilt_across_windows() -> None:
+    cal = Calendar("UTC")
+    policies = PolicySet(agents={"a": parse_policy(Section({"max_cost_per_day_usd": 5}))})
+    plan = make_plan(policies, "a")
+    before = ts("2026-11-29T23:59:10", "UTC")
+    first = plan_limits(plan, "a", "i", cal, before)
+    assert plan_limits(plan, "a", "i", cal, before + 40) is first  # the same minute
+    assert plan_limits(plan, "a", "j", cal, before) is not first  # another intent
+    (day,) = [lim for lim in first if lim.name == "max_cost_per_day_usd"]
+    (next_day,) = [lim for lim in plan_limits(plan, "a", "i", cal, before + 60)
+                   if lim.name == "max_cost_per_day_usd"]  # fmt: skip
+    assert (day.key.start, next_day.key.start) == (before - 86350, before + 50)
+    spend = plan_admission(plan, "a", "i", 7, cal, before + 60).spend_keys
+    assert {k.start for k in spend if k.kind == "cost:day"} == {before + 50}
+    for n in range(_MEMO_MAX + 10):  # many intents in one minute: the memo stays bounded
+        plan_limits(plan, "a", f"intent-{n}", cal, before + 60)
+    assert len(plan.memo) <= _MEMO_MAX + 1
 
 
 def test_policy_parsing() -> None:
