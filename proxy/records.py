@@ -66,6 +66,8 @@ class CallRecord:
         """Why this row cannot be stored as it is (empty: it can). Every engine stores
         integers in 64 bits, and PostgreSQL's text cannot hold a NUL character: a row
         that breaks either would fail its whole batch."""
+        if _plainly_storable(self):
+            return []
         out = []
         for name in _INTS:
             value = getattr(self, name)
@@ -109,6 +111,30 @@ _COLUMNS = tuple(f.name for f in fields(CallRecord))
 _GET = operator.attrgetter(*_COLUMNS)
 _STREAM = _COLUMNS.index("stream")
 _REFUSED = _COLUMNS.index("refused")
+_GET_INTS = operator.attrgetter(*_INTS, "cost_pico")
+_GET_FLOATS = operator.attrgetter(*_FLOATS)
+_GET_TEXTS = operator.attrgetter(
+    *(f.name for f in fields(CallRecord) if f.type in ("str", "str | None"))
+)
+_INT, _FLOAT, _STR, _BIG = int, float, str, 1e300
+
+
+def _plainly_storable(record: CallRecord) -> bool:
+    """The common case of `problems`, in one pass without string formatting (it runs for
+    every row): plain ints in range, finite floats, texts without NUL. Anything else,
+    including values that may still be fine (an int subclass), gets the full check."""
+    for v in _GET_INTS(record):
+        if v.__class__ is not _INT or not 0 <= v <= INT64_MAX:
+            if v is None:  # cost_pico of an unpriced call
+                continue
+            return False
+    for v in _GET_FLOATS(record):
+        if v.__class__ is not _FLOAT or not -_BIG < v < _BIG:  # NaN fails both
+            return False
+    for v in _GET_TEXTS(record):
+        if v is not None and (v.__class__ is not _STR or "\x00" in v):
+            return False
+    return True
 
 
 def new_record(id: str, started_at: float, agent: str, endpoint: str, method: str) -> CallRecord:
