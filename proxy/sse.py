@@ -147,14 +147,17 @@ class StreamMeter:
         """Complete events: the plain ones pass as one slice, without a Python loop over
         them; only from the first event that matters to metering on, one by one. Returns
         what did not end as an event (mixed line endings can leave a piece)."""
-        if not self.count_output and not self.final_seen:
-            plain = len(events)
-            if self.reader.has_marker(events):
-                plain = self._plain_prefix(events)
+        if not self.final_seen:
+            reader = self.reader
+            marker = reader.first_marker(events)
+            plain = len(events) if marker < 0 else _last_boundary(events, marker)
             if plain:
                 head = events[:plain]
-                self.reader.sniff_model(head)
-                self._keep(head)
+                reader.sniff_model(head)
+                if self.count_output:
+                    self._count_texts(_events(head))
+                else:
+                    self._keep(head)
                 out.append(head)
                 events = events[plain:]
         pos = 0
@@ -162,15 +165,6 @@ class StreamMeter:
             self._event(events[pos : m.end()], out)
             pos = m.end()
         return events[pos:]
-
-    def _plain_prefix(self, events: bytes) -> int:
-        """The length of the leading whole events that have no marker."""
-        pos = 0
-        for m in _BOUNDARY.finditer(events):
-            if self.reader.has_marker(events[pos : m.end()]):
-                return pos
-            pos = m.end()
-        return pos
 
     def _event(self, event: bytes, out: list[bytes]) -> None:
         if self.final_seen:

@@ -61,6 +61,20 @@ def test_responses_completed_is_the_final_event() -> None:
     assert meter.facts.model == "gpt-5"
 
 
+def test_a_whole_stream_in_one_read_is_counted_as_when_it_trickles() -> None:
+    pieces = [{**CHUNK, "choices": [{"delta": {"content": w}}]} for w in ("a ", "b ", "c")]
+    whole = b"".join(event(p) for p in pieces) + event(USAGE) + DONE
+    for step in (len(whole), 1, 10):  # one read (a fast upstream), then trickles
+        meter = StreamMeter(ChatReader(True), count_output=True)
+        out = b"".join(meter.feed(whole[i : i + step]) for i in range(0, len(whole), step))
+        sent = b"".join(event({k: v for k, v in p.items() if k != "usage"}) for p in pieces)
+        assert out == sent  # the usage chunk the proxy asked for is dropped
+        assert "".join(meter.take_fresh()) == "a b c"  # what the stream budget counts
+        assert meter.facts.usage is not None and meter.facts.usage.output_tokens == 2
+        assert meter.finish() == DONE
+        assert meter.model == "gpt-4o-x"
+
+
 def test_generated_text_is_kept_for_estimates() -> None:
     meter = StreamMeter(ChatReader(False))
     for _ in range(3):

@@ -22,6 +22,7 @@ from proxy.shapes.base import (
     Endpoint,
     JSONObj,
     Kind,
+    Marked,
     Prompt,
     RequestFacts,
     Verdict,
@@ -190,18 +191,14 @@ def output_texts(obj: Any) -> Iterator[str]:
                 yield compact_json(block.get("input"))
 
 
-_MARKERS = (b"message_start", b"message_delta", b"message_stop", b'"type":"error"')
+class MessagesReader(Marked):
+    markers = (b"message_start", b"message_delta", b"message_stop", b'"type":"error"')
 
-
-class MessagesReader:
     def __init__(self) -> None:
         self.facts = BodyFacts()
         self.model: str | None = None
         self.response_id: str | None = None
         self._usage: dict[str, Any] = {}
-
-    def has_marker(self, data: bytes) -> bool:
-        return any(m in data for m in _MARKERS)
 
     def sniff_model(self, data: bytes) -> None:
         """Only `message_start` names the model: it is a marked event, parsed anyway."""

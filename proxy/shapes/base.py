@@ -107,6 +107,21 @@ class Verdict(enum.Enum):
     FINAL = 3  # the stream's end: held until the ledger row is committed
 
 
+class Marked:
+    """A reader's markers: the bytes that only events that matter to metering contain
+    (a usage object, the final event). Everything else is passed on unparsed."""
+
+    markers: tuple[bytes, ...] = ()
+
+    def has_marker(self, data: bytes) -> bool:
+        return any(marker in data for marker in self.markers)
+
+    def first_marker(self, data: bytes) -> int:
+        """Where the first marker in `data` starts (-1: none)."""
+        found = [p for marker in self.markers if (p := data.find(marker)) >= 0]
+        return min(found) if found else -1
+
+
 class StreamReader(Protocol):
     """One stream's events, read for metering. `event()` sees every event that has one
     of the reader's markers (and every event when output is being counted)."""
@@ -116,6 +131,9 @@ class StreamReader(Protocol):
 
     def has_marker(self, data: bytes) -> bool:
         """Whether any event in `data` can matter to metering: cheap, runs per chunk."""
+
+    def first_marker(self, data: bytes) -> int:
+        """Where the first byte that can matter to metering is (-1: none)."""
 
     def sniff_model(self, data: bytes) -> None:
         """Find the model in events that are passed on unparsed."""

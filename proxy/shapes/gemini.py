@@ -22,6 +22,7 @@ from proxy.shapes.base import (
     Endpoint,
     JSONObj,
     Kind,
+    Marked,
     Media,
     Prompt,
     RequestFacts,
@@ -169,13 +170,12 @@ def output_texts(obj: Any) -> Iterator[str]:
                         yield compact_json(part["functionCall"])
 
 
-class GenerateReader:
+class GenerateReader(Marked):
+    markers = (b"usageMetadata", b"finishReason", b'"error"')
+
     def __init__(self) -> None:
         self.facts = BodyFacts()
         self.model: str | None = None
-
-    def has_marker(self, data: bytes) -> bool:
-        return b"usageMetadata" in data or b"finishReason" in data or b'"error"' in data
 
     def sniff_model(self, data: bytes) -> None:
         """Every chunk that names the model carries usage too: parsed anyway."""

@@ -18,6 +18,7 @@ from proxy.shapes.base import (
     Endpoint,
     JSONObj,
     Kind,
+    Marked,
     Media,
     Prompt,
     RequestFacts,
@@ -422,17 +423,16 @@ _PLAIN_DELTA = frozenset({"content", "role"})
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 
 
-class ChatReader:
+class ChatReader(Marked):
     """Chat completions and legacy completions: usage in a chunk with empty `choices`,
     then `data: [DONE]`."""
+
+    markers = (b'"usage":{', b'"usage": {', b"[DONE]")
 
     def __init__(self, strip_usage: bool) -> None:
         self.strip = strip_usage
         self.facts = BodyFacts()
         self.model: str | None = None
-
-    def has_marker(self, data: bytes) -> bool:
-        return b'"usage":{' in data or b'"usage": {' in data or b"[DONE]" in data
 
     def sniff_model(self, data: bytes) -> None:
         if self.model is None and (m := _MODEL.search(data)) is not None:
@@ -478,23 +478,17 @@ class ChatReader:
         return Verdict.SEND
 
 
-class ResponsesReader:
+class ResponsesReader(Marked):
     """Responses streams: the response object in `response.created` (its id) and in the
     final `response.completed|incomplete|failed` (its usage); no `[DONE]`."""
+
+    markers = (b"response.completed", b"response.incomplete", b"response.failed",
+               b"response.created", b'"usage":{')  # fmt: skip
 
     def __init__(self) -> None:
         self.facts = BodyFacts()
         self.model: str | None = None
         self.response_id: str | None = None
-
-    def has_marker(self, data: bytes) -> bool:
-        return (
-            b"response.completed" in data
-            or b"response.incomplete" in data
-            or b"response.failed" in data
-            or b"response.created" in data
-            or b'"usage":{' in data
-        )
 
     def sniff_model(self, data: bytes) -> None:
         if self.model is None and (m := _MODEL.search(data)) is not None:
