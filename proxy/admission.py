@@ -11,9 +11,9 @@ it raises. Both stores run the same two functions, so they cannot disagree.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 from proxy.policy import (
     COST_LIMITS,
@@ -37,6 +37,7 @@ MINUTE_KIND = "cost:minute"  # per-minute spend, for spend rates (see proxy.spen
 _SEP = "\x1f"  # ids cannot contain control characters (proxy.ids): a safe separator
 _MEMO_SPAN = ("span",)
 _MEMO_MAX = 4096  # entries per plan (an agent's intents in one minute); then it starts over
+T = TypeVar("T")
 
 
 def agent_scope(agent: str) -> str:
@@ -231,11 +232,15 @@ def spend_keys(
     return keys
 
 
-def _memo(plan: Plan, calendar: Calendar, now: float) -> dict[tuple[object, ...], object]:
-    """The plan's memo, emptied whenever `now` is past the stretch it was filled in (a
-    window started or ended), grew past its bound, or another calendar asks. Admission
-    and settling both need the same limits and counter keys for every call; building them
-    (a window and a key per limit) was most of admission's time."""
+def _memoized(
+    plan: Plan, calendar: Calendar, now: float, key: tuple[object, ...],
+    build: Callable[[], Iterable[T]],
+) -> tuple[T, ...]:  # fmt: skip
+    """What `build` returns for `key`, from the plan's memo. The memo is emptied whenever
+    `now` is past the stretch it was filled in (a window started or ended), it grew past
+    its bound, or another calendar asks. Admission and settling both need the same limits
+    and counter keys for every call; building them (a window and a key per limit) was
+    most of admission's time."""
     memo = plan.memo
     span = memo.get(_MEMO_SPAN)
     if (
@@ -246,7 +251,10 @@ def _memo(plan: Plan, calendar: Calendar, now: float) -> dict[tuple[object, ...]
     ):
         memo.clear()
         memo[_MEMO_SPAN] = (calendar, *calendar.stable_span(now))
-    return memo
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = tuple(build())
+    return cast(tuple[T, ...], found)
 
 
 def plan_limits(
@@ -264,13 +272,10 @@ def plan_limits(
     leaves out the count limits (an extension of an admitted call, a standing check);
     `views=True` includes intent counts even without an intent (a status page).
     `progress_mark`: what the intent had spent at its last progress report."""
-    memo = _memo(plan, calendar, now)
-    key = ("limits", agent, intent, counting, views, progress_mark)
-    limits = memo.get(key)
-    if limits is None:
-        limits = memo[key] = tuple(_limits(plan, agent, intent, calendar, now, counting,
-                                           views, progress_mark))  # fmt: skip
-    return cast(tuple[Limit, ...], limits)
+    return _memoized(
+        plan, calendar, now, ("limits", agent, intent, counting, views, progress_mark),
+        lambda: _limits(plan, agent, intent, calendar, now, counting, views, progress_mark),
+    )  # fmt: skip
 
 
 def _limits(
@@ -360,14 +365,11 @@ def plan_admission(
         assert guard is not None
         blocking = guard.max_identical_requests if guard_policy.refuses else None
         loop = LoopSpec(intent or "", digest, now - guard.window_seconds, blocking, guard_policy)
-    memo = _memo(plan, calendar, now)
-    spend = memo.get(("spend", agent, intent))
-    if spend is None:
-        spend = memo[("spend", agent, intent)] = tuple(
-            spend_keys(agent, intent, calendar, now, plan.user_scope, plan.rate_per_intent)
-        )
-    return Admission(agent, intent, amount, now, demands, limits,
-                     cast(tuple[CounterKey, ...], spend), loop)  # fmt: skip
+    spend = _memoized(
+        plan, calendar, now, ("spend", agent, intent),
+        lambda: spend_keys(agent, intent, calendar, now, plan.user_scope, plan.rate_per_intent),
+    )  # fmt: skip
+    return Admission(agent, intent, amount, now, demands, limits, spend, loop)
 
 
 # -- the decision ------------------------------------------------------------------------------
