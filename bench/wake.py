@@ -45,10 +45,7 @@ def _row_commit(path: Path) -> Callable[[], None]:
 async def _measure(tries: int, gap: float, work: Callable[[], object]) -> list[float]:
     out = []
     for _ in range(tries):
-        if gap:
-            await asyncio.sleep(gap)
-        else:
-            await asyncio.sleep(0)
+        await asyncio.sleep(gap)  # 0: one pass of the loop, no idle
         started = time.perf_counter()
         result = work()
         if asyncio.isfuture(result):

@@ -222,7 +222,8 @@ class LedgerWriter:
             if not future.done():
                 future.set_result(True)
         caught_up = not self._pending and not self._suspects
-        if self.late and (caught_up or self._progress - batch[0][2] < self.commit_timeout):
+        quick = bool(batch) and self._progress - batch[0][2] < self.commit_timeout
+        if self.late and (caught_up or quick):
             self.late = False  # rows commit within the bound again: calls wait for theirs
             log.warning("ledger: commits are back within %gs; calls wait for their rows again",
                         self.commit_timeout)  # fmt: skip
