@@ -23,7 +23,7 @@ from proxy.admin_base import (
     read_json,
     report_response,
 )
-from proxy.admin_outcomes import add_outcome_routes
+from proxy.admin_outcomes import outcome_routes
 from proxy.admission import intent_key
 from proxy.budget_views import known_agents, status
 from proxy.errors import ProxyFault
@@ -280,19 +280,20 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     return _static(request.match_info["name"])
 
 
-def add_admin_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/meter/agents", list_agents)
-    r.add_get("/meter/agents/{agent}", get_agent)
-    r.add_put("/meter/agents/{agent}/policy", put_policy)
-    r.add_delete("/meter/agents/{agent}/policy", delete_policy)
-    r.add_post("/meter/agents/{agent}/pause", pause_agent)
-    r.add_post("/meter/agents/{agent}/resume", resume_agent)
-    r.add_get("/meter/intents/{intent}", get_intent)
-    r.add_get("/meter/agents/{agent}/intents/{intent}", get_intent)
-    r.add_get("/meter/spend", get_spend)
-    add_outcome_routes(r)
-    r.add_get("/meter/calls", recent_calls)
-    r.add_post("/meter/heartbeat", heartbeat)
-    r.add_get("/meter/dashboard", dashboard)
-    r.add_get("/meter/static/{name}", static_file)
+def admin_routes() -> list[web.RouteDef]:
+    return [
+        web.get("/meter/agents", list_agents),
+        web.get("/meter/agents/{agent}", get_agent),
+        web.put("/meter/agents/{agent}/policy", put_policy),
+        web.delete("/meter/agents/{agent}/policy", delete_policy),
+        web.post("/meter/agents/{agent}/pause", pause_agent),
+        web.post("/meter/agents/{agent}/resume", resume_agent),
+        web.get("/meter/intents/{intent}", get_intent),
+        web.get("/meter/agents/{agent}/intents/{intent}", get_intent),
+        web.get("/meter/spend", get_spend),
+        *outcome_routes(),
+        web.get("/meter/calls", recent_calls),
+        web.post("/meter/heartbeat", heartbeat),
+        web.get("/meter/dashboard", dashboard),
+        web.get("/meter/static/{name}", static_file),
+    ]

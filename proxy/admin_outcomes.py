@@ -74,7 +74,9 @@ async def get_outcomes(request: web.Request, svc: Services) -> web.StreamRespons
     return report_response(request, report)
 
 
-def add_outcome_routes(r: web.UrlDispatcher) -> None:
-    r.add_post("/meter/intents/{intent}/outcome", post_outcome)
-    r.add_post("/meter/agents/{agent}/intents/{intent}/outcome", post_outcome)
-    r.add_get("/meter/outcomes", get_outcomes)
+def outcome_routes() -> list[web.RouteDef]:
+    return [
+        web.post("/meter/intents/{intent}/outcome", post_outcome),
+        web.post("/meter/agents/{agent}/intents/{intent}/outcome", post_outcome),
+        web.get("/meter/outcomes", get_outcomes),
+    ]

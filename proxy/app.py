@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from proxy import budget_sync
-from proxy.admin import add_admin_routes
+from proxy.admin import admin_routes
 from proxy.admin_base import authorize
 from proxy.alerts import AlertSender, UpstreamWatch
 from proxy.attribution import KeyRing
@@ -36,7 +36,7 @@ from proxy.policy import validate_policy_json
 from proxy.pricing import PriceTable, load_price_table
 from proxy.reload import Reloader
 from proxy.schema import FieldError
-from proxy.security import cors_prepare, security_middleware
+from proxy.security import guard, no_route
 from proxy.services import SERVICES, Services
 from proxy.spend_rate import Baselines, RateWatch
 from proxy.spool import Spool
@@ -78,18 +78,17 @@ def runner_options(config: Config) -> dict[str, object]:
 
 
 def create_app(config: Config, options: Options | None = None) -> web.Application:
-    app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[security_middleware])  # fmt: skip
-    app.on_response_prepare.append(cors_prepare)
+    app = web.Application(client_max_size=config.max_body_bytes)
     app[OPTIONS] = options or Options()
     app.cleanup_ctx.append(_storage_ctx(config))
     app.cleanup_ctx.append(_services_ctx(config))
     app.cleanup_ctx.append(_background_ctx)
+    routes: list[web.RouteDef] = []
     for prefix in ("v1", "v1beta", "openai", "upload"):
         handler = proxy_handler(prefix)
-        app.router.add_route("*", f"/{prefix}/{{tail:.*}}", handler)
-        app.router.add_route("*", f"/agents/{{agent}}/{prefix}/{{tail:.*}}", handler)
-    app.router.add_get("/meter/health", health)
+        routes.append(web.route("*", f"/{prefix}/{{tail:.*}}", handler))
+        routes.append(web.route("*", f"/agents/{{agent}}/{prefix}/{{tail:.*}}", handler))
+    routes.append(web.get("/meter/health", health))
 
     async def metrics(request: web.Request) -> web.Response:
         svc = request.app[SERVICES]
@@ -101,8 +100,11 @@ def create_app(config: Config, options: Options | None = None) -> web.Applicatio
         assert svc.metrics is not None
         return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    app.router.add_get("/metrics", metrics)
-    add_admin_routes(app)
+    routes.append(web.get("/metrics", metrics))
+    routes.extend(admin_routes())
+    # Last: a browser's preflight to a path that has no OPTIONS route of its own.
+    routes.append(web.route("OPTIONS", "/{tail:.*}", no_route))
+    app.add_routes([web.RouteDef(d.method, d.path, guard(d.handler), d.kwargs) for d in routes])
     return app
 
 

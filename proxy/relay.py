@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import ClientResponse, web
+from multidict import CIMultiDict
 
 from proxy.decoding import DecodeError, Decoder, decode_all, decoder
 from proxy.errors import BUDGET_ERROR
 from proxy.money import usd_exact
 from proxy.redact import redact
+from proxy.security import allow_reading
 from proxy.shapes.base import Kind
 from proxy.sse import AFTER_FINAL_BYTES, StreamMeter
 from proxy.upstream import response_headers
@@ -153,10 +155,7 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
         # Events are read, and may be changed (a usage chunk dropped, a cut): the client
         # gets them decoded, as it would from an upstream that honoured identity.
         headers.popall("Content-Encoding", None)
-    out = web.StreamResponse(status=response.status, headers=headers)
-    out.headers["x-meter-request-id"] = rec.id
-    call.response = out
-    await out.prepare(call.request)
+    out = await _prepared(call, response.status, headers)
     budget = call.stream_budget
     meter = call.meter = StreamMeter(shape.stream_reader(ep, strip_usage),
                                      count_output=budget is not None)  # fmt: skip
@@ -235,6 +234,20 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
     return out
 
 
+async def _prepared(
+    call: Call, status: int, headers: CIMultiDict[str], length: int | None = None
+) -> web.StreamResponse:
+    """A response that goes out as the upstream's comes in: its head sent now."""
+    out = web.StreamResponse(status=status, headers=headers)
+    out.headers["x-meter-request-id"] = call.record.id
+    if length is not None:
+        out.content_length = length
+    allow_reading(call.request, out)
+    call.response = out
+    await out.prepare(call.request)
+    return out
+
+
 async def _after_final(
     meter: StreamMeter, response: ClientResponse, decode: Decoder | None
 ) -> str | None:
@@ -264,17 +277,14 @@ async def raw(
     """Unmetered paths (and a stream the proxy cannot decode): bytes through as they come;
     the last chunk waits for the row."""
     rec = call.record
-    out = web.StreamResponse(status=response.status, headers=response_headers(response.headers))
-    out.headers["x-meter-request-id"] = rec.id
-    if response.content_length is not None:
-        out.content_length = response.content_length
     rec.status = response.status
     if not estimate:
         call.price_usage(None)
         if call.unpriced and 200 <= response.status < 300:
             rec.cost_pico = None  # it bills; what, the proxy cannot know
-    call.response = out
-    await out.prepare(call.request)
+    out = await _prepared(
+        call, response.status, response_headers(response.headers), response.content_length
+    )
     pending = b""
     error = None
     try:

@@ -31,24 +31,38 @@ def _fault(status: int, code: str, message: str) -> web.Response:
     return ProxyFault(status, code, message).response()
 
 
-@web.middleware
-async def security_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    config = request.app[SERVICES].config
-    host_header = request.headers.get("Host", "")
-    if host_header and not host_allowed(host_name(host_header), config.allowed_hosts,
-                                        config.host, bool(config.keys)):  # fmt: skip
-        return _fault(
-            421, "host_not_allowed",
-            f"meterproxy: requests for host '{host_name(host_header)}' are not served here;"
-            " add it to server.allowed_hosts if this proxy is meant to answer to that name",
-        )  # fmt: skip
-    origin = request.headers.get("Origin")
-    if origin is None:
-        if request.headers.get("Sec-Fetch-Site") == "cross-site":
-            return _fault(403, "origin_not_allowed",
-                          "meterproxy: cross-site browser requests are refused")  # fmt: skip
-        return await handler(request)
-    allowed = config.allowed_origins
+def guard(handler: Handler) -> Handler:
+    """`handler` behind both checks. Every route is registered guarded, instead of one
+    middleware: an app with any middleware runs two extra coroutine layers per request
+    (aiohttp adds one of its own), and most requests are agents' calls with no `Origin`,
+    for which the checks are two header look-ups."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        config = request.app[SERVICES].config
+        host_header = request.headers.get("Host", "")
+        if host_header and not host_allowed(host_name(host_header), config.allowed_hosts,
+                                            config.host, bool(config.keys)):  # fmt: skip
+            return _fault(
+                421, "host_not_allowed",
+                f"meterproxy: requests for host '{host_name(host_header)}' are not served"
+                " here; add it to server.allowed_hosts if this proxy is meant to answer to"
+                " that name",
+            )  # fmt: skip
+        origin = request.headers.get("Origin")
+        if origin is None:
+            if request.headers.get("Sec-Fetch-Site") == "cross-site":
+                return _fault(403, "origin_not_allowed",
+                              "meterproxy: cross-site browser requests are refused")  # fmt: skip
+            return await handler(request)
+        return await _from_a_page(request, handler, origin, host_header, config.allowed_origins)
+
+    return guarded
+
+
+async def _from_a_page(
+    request: web.Request, handler: Handler, origin: str, host_header: str,
+    allowed: tuple[str, ...],
+) -> web.StreamResponse:  # fmt: skip
     if not origin_allowed(origin, host_header, allowed):
         return _fault(
             403, "origin_not_allowed",
@@ -56,7 +70,9 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
             " list the origin in server.allowed_origins to allow it",
         )  # fmt: skip
     cross = origin.strip().lower() in allowed or "*" in allowed
-    if request.method == "OPTIONS" and cross:
+    if not cross:
+        return await handler(request)
+    if request.method == "OPTIONS":
         response: web.StreamResponse = web.Response(status=204)
         wanted = request.headers.get("Access-Control-Request-Headers")
         if wanted:
@@ -65,9 +81,20 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
         response.headers["Access-Control-Max-Age"] = "600"
         _cors_headers(response, origin)
         return response
-    if cross:
-        request[CORS_ORIGIN] = origin  # streams prepare their own response: see cors_prepare
-    return await handler(request)
+    request[CORS_ORIGIN] = origin  # a stream prepares its own response: see allow_reading
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        _cors_headers(e, origin)
+        raise
+    if not response.prepared:
+        _cors_headers(response, origin)
+    return response
+
+
+async def no_route(request: web.Request) -> web.StreamResponse:
+    """What a guarded catch-all answers when the guard let the request through."""
+    raise web.HTTPNotFound()
 
 
 CORS_ORIGIN = web.RequestKey("meterproxy.cors_origin", str)
@@ -79,8 +106,9 @@ def _cors_headers(response: web.StreamResponse, origin: str) -> None:
     response.headers["Vary"] = "Origin"
 
 
-async def cors_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: an allowed cross-origin caller may read the answer."""
+def allow_reading(request: web.Request, response: web.StreamResponse) -> None:
+    """Before a handler prepares a response itself (a stream): an allowed cross-origin
+    caller may read it."""
     origin = request.get(CORS_ORIGIN)
     if origin is not None:
         _cors_headers(response, origin)
