@@ -98,7 +98,7 @@ class Call:
         self.maybe_billed = False  # forwarded, then no answer: tokens unknown, not zero
         self.client_gone = False  # the client left; the upstream's answer is still metered
         self.response: web.StreamResponse | None = None
-        self._exchange: asyncio.Task[Exchange] | None = None
+        self._exchange: asyncio.Task[Exchange | None] | None = None
         self._credentials: dict[str, str] = {}
 
     @property
@@ -365,8 +365,10 @@ class Call:
         self.timings.sent = time.perf_counter()
         # The exchange runs in a task of its own: a client that leaves a non-streamed call
         # does not stop it, and the provider's answer (and bill) is still recorded.
-        self._exchange = asyncio.ensure_future(self._send(url, headers, data))
-        response, body = await asyncio.shield(self._exchange)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Exchange] = loop.create_future()
+        self._exchange = loop.create_task(self._exchange_into(answer, url, headers, data))
+        response, body = await answer
         try:
             if "text/event-stream" in response.headers.get("Content-Type", ""):
                 rec.stream = True
@@ -378,6 +380,27 @@ class Call:
             return await relay.raw(self, response)
         finally:
             response.release()
+
+    async def _exchange_into(
+        self, answer: asyncio.Future[Exchange], url: str, headers: Any, data: Any
+    ) -> Exchange | None:
+        """`_send`, its outcome handed to `answer`, which the call awaits instead of the
+        task: cancelling the call cancels only `answer` (what `asyncio.shield` does, with
+        one wake-up less). A call that was cancelled awaits the task itself (`_detach`)."""
+        try:
+            exchange = await self._send(url, headers, data)
+        except asyncio.CancelledError:
+            answer.cancel()
+            raise
+        except BaseException as e:
+            if answer.done():
+                raise
+            answer.set_exception(e)
+            return None
+        if answer.done():
+            return exchange
+        answer.set_result(exchange)
+        return None
 
     async def _send(self, url: str, headers: Any, data: Any) -> Exchange:
         """The request, and for a metered call that does not stream, its whole answer."""
@@ -421,10 +444,12 @@ class Call:
         finishing.add_done_callback(self.svc.inflight.discard)
         return True
 
-    async def _finish_detached(self, task: asyncio.Task[Exchange]) -> None:
+    async def _finish_detached(self, task: asyncio.Task[Exchange | None]) -> None:
         rec = self.record
         try:
-            response, body = await task
+            exchange = await task
+            assert exchange is not None  # its answer was not taken: the task keeps it
+            response, body = exchange
             try:
                 if body is None:  # it streams: streams are cut with their client
                     response.close()
