@@ -7,6 +7,7 @@ needed (a restart forgets nothing the ledger has).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import OrderedDict, deque
 
@@ -24,13 +25,13 @@ class OutputHistory:
 
     def __init__(self, storage: Storage | None) -> None:
         self.storage = storage
-        self._outputs: OrderedDict[tuple[str, str], deque[int]] = OrderedDict()
+        self._outputs: OrderedDict[tuple[str, str], _Recent] = OrderedDict()
 
     async def expected(self, agent: str, model: str) -> int | None:
         key = (agent, model)
         outputs = self._outputs.get(key)
         if outputs is None:
-            outputs = deque(maxlen=KEEP)
+            outputs = _Recent()
             if self.storage is not None:
                 rows = await self.storage.fetch(
                     "SELECT output_tokens FROM calls WHERE agent = ? AND model_priced = ?"
@@ -38,22 +39,43 @@ class OutputHistory:
                     " ORDER BY started_at DESC LIMIT ?",
                     [agent, model, KEEP],
                 )
-                outputs.extend(int(r[0]) for r in reversed(rows))
+                for r in reversed(rows):
+                    outputs.add(int(r[0]))
             self._remember(key, outputs)
-        if not outputs:
-            return None
-        ranked = sorted(outputs)
-        return ranked[min(len(ranked) - 1, math.ceil(PERCENTILE * len(ranked)) - 1)]
+        return outputs.percentile()
 
     def record(self, agent: str, model: str, output_tokens: int) -> None:
         outputs = self._outputs.get((agent, model))
         if outputs is not None:  # a key not loaded yet will read this row from the ledger
-            outputs.append(output_tokens)
+            outputs.add(output_tokens)
 
-    def _remember(self, key: tuple[str, str], outputs: deque[int]) -> None:
+    def _remember(self, key: tuple[str, str], outputs: _Recent) -> None:
         self._outputs[key] = outputs
         if len(self._outputs) > _MAX_KEYS:
             self._outputs.popitem(last=False)
+
+
+class _Recent:
+    """The last KEEP outputs, in arrival order and in rank order: every call asks for the
+    percentile, so it is read off a sorted list kept as they come, not sorted per call."""
+
+    __slots__ = ("arrived", "ranked")
+
+    def __init__(self) -> None:
+        self.arrived: deque[int] = deque()
+        self.ranked: list[int] = []
+
+    def add(self, tokens: int) -> None:
+        if len(self.arrived) == KEEP:
+            del self.ranked[bisect.bisect_left(self.ranked, self.arrived.popleft())]
+        self.arrived.append(tokens)
+        bisect.insort(self.ranked, tokens)
+
+    def percentile(self) -> int | None:
+        ranked = self.ranked
+        if not ranked:
+            return None
+        return ranked[min(len(ranked) - 1, math.ceil(PERCENTILE * len(ranked)) - 1)]
 
 
 class ChainBook:
