@@ -363,12 +363,17 @@ class Call:
                                    _query(request, bool(svc.keys)))  # fmt: skip
         self.phase = Phase.FORWARDED
         self.timings.sent = time.perf_counter()
-        # The exchange runs in a task of its own: a client that leaves a non-streamed call
-        # does not stop it, and the provider's answer (and bill) is still recorded.
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Exchange] = loop.create_future()
-        self._exchange = loop.create_task(self._exchange_into(answer, url, headers, data))
-        response, body = await answer
+        if rec.stream or not self.metered:
+            # Cut with its client: a stream (the provider stops generating when the
+            # connection drops) and what is not metered. No task needed.
+            response, body = await self._send(url, headers, data)
+        else:
+            # A task of its own: a client that leaves a non-streamed call does not stop
+            # it, and the provider's answer (and bill) is still recorded.
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[Exchange] = loop.create_future()
+            self._exchange = loop.create_task(self._exchange_into(answer, url, headers, data))
+            response, body = await answer
         try:
             if "text/event-stream" in response.headers.get("Content-Type", ""):
                 rec.stream = True

@@ -190,3 +190,35 @@ async def test_sdk_timeout_mid_stream_is_a_disconnect(make_proxy: ProxyFactory, 
     assert proxy.svc.enforcer.outstanding == 0
     [row] = await proxy.rows()
     assert row["usage_source"] == "estimated" and row["status"] == 499
+
+
+async def test_a_stream_whose_client_leaves_before_its_head_is_dropped_at_once(
+    make_proxy: ProxyFactory, fake: Any
+) -> None:
+    """A stream is cut with its client: the upstream request goes when the client goes,
+    not when the provider's head arrives, and the row and the reservation with it."""
+    upstream, _ = fake
+    upstream.script.update(delay=2.0)
+    proxy = await budget_proxy(make_proxy, {"defaults": {"max_cost_per_day_usd": 100}})
+    enforcer = proxy.svc.enforcer
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    task = asyncio.create_task(
+        client.chat.completions.create(model="gpt-4o", messages=HI, stream=True, max_tokens=50)
+    )
+    for _ in range(200):
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.01)
+    assert enforcer.outstanding == 1
+    task.cancel()
+    rows: list[dict[str, Any]] = []
+    for _ in range(50):  # 0.5 s: well before the head would come
+        rows = await proxy.rows() if proxy.svc.ledger.backlog == 0 else []
+        if rows and enforcer.outstanding == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert [(r["status"], r["error"]) for r in rows] == [
+        (499, "cancelled: the client disconnected")
+    ]
+    assert (enforcer.outstanding, enforcer.outstanding_pico) == (0, 0)
+    assert rows[0]["usage_source"] == "estimated" and rows[0]["output_tokens"] == 0
