@@ -55,9 +55,34 @@ PATH = "/v1/chat/completions"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are picked, or the
+    kernel may hand the same port out twice (a server that then cannot bind, while its
+    readiness check connects to whoever holds the port)."""
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def meterproxy_config(port: int, upstream_url: str, workdir: Path) -> dict[str, Any]:
+    """Everything on: metering, a day budget on the agent, the ledger, INFO logs to a file."""
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "upstreams": [{"name": "fake", "base_url": upstream_url + "/v1", "default": True}],
+        "storage": {"url": f"sqlite:///{workdir / 'ledger.db'}"},
+        "logging": {"file": str(workdir / "meterproxy.log"), "level": "INFO"},
+        "budgets": {"agents": {"bench-agent": {"max_cost_per_day_usd": 1_000_000}}},
+    }
 
 
 def pinned(core: int, argv: list[str]) -> list[str]:
@@ -183,15 +208,10 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="meterproxy-bench-"))
-    ports = {name: free_port() for name in ("upstream", "floor", "meterproxy", "otlp", "litellm")}
+    names = ("upstream", "floor", "meterproxy", "otlp", "litellm")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     upstream_url = f"http://127.0.0.1:{ports['upstream']}"
-    config = {
-        "server": {"host": "127.0.0.1", "port": ports["meterproxy"]},
-        "upstreams": [{"name": "fake", "base_url": upstream_url + "/v1", "default": True}],
-        "storage": {"url": f"sqlite:///{workdir / 'ledger.db'}"},
-        "logging": {"file": str(workdir / "meterproxy.log"), "level": "INFO"},
-        "budgets": {"agents": {"bench-agent": {"max_cost_per_day_usd": 1_000_000}}},
-    }
+    config = meterproxy_config(ports["meterproxy"], upstream_url, workdir)
     if args.telemetry:
         config["telemetry"] = {"endpoint": f"http://127.0.0.1:{ports['otlp']}"}
     (workdir / "meterproxy.yaml").write_text(json.dumps(config))
@@ -242,6 +262,10 @@ def main() -> None:
             procs["litellm"].wait_ready(180)
         for p in procs.values():
             p.wait_ready()
+        time.sleep(0.5)
+        for p in procs.values():  # alive: not a port someone else answered on
+            if p.proc.poll() is not None:
+                raise SystemExit(f"{p.name} exited; see {p.log.name}")
         run(args, procs, ports, workdir)
     finally:
         for p in procs.values():

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.__main__ import Process, free_port, pinned
+from bench.__main__ import Process, free_ports, pinned
 from bench.stream_load import run_clients, serve_upstream
 
 
@@ -137,7 +137,7 @@ def main() -> None:
             f" proxy; this machine's hard limit (ulimit -Hn) is {hard}"
         )
     work = Path(tempfile.mkdtemp(prefix="meterproxy-streams-"))
-    ports = {k: free_port() for k in ("upstream", "floor", "meterproxy")}
+    ports = dict(zip(("upstream", "floor", "meterproxy"), free_ports(3), strict=True))
     up = f"http://127.0.0.1:{ports['upstream']}"
     config = {
         "server": {"host": "127.0.0.1", "port": ports["meterproxy"]},
