@@ -3,7 +3,8 @@
 Every request under an API prefix becomes one `Call`. Whatever happens (client error,
 refusal, upstream fault, client gone, cancellation) it ends with exactly one ledger row,
 and its budget reservation is settled exactly once. What an API shape means (paths,
-usage, errors) is `proxy.shapes`; reading the request, `proxy.intake`; how bytes come
+usage, errors) is `proxy.shapes`; reading the request, `proxy.intake`; the upstream
+exchange and a client that leaves first, `proxy.exchange`; how bytes come
 back, `proxy.relay`; what is reserved, `proxy.reservation`.
 """
 
@@ -19,15 +20,16 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from aiohttp import ClientResponse, web
+from aiohttp import web
 
-from proxy import intake, relay
+from proxy import exchange, intake, relay
 from proxy.attribution import UNAUTHENTICATED, end_user, identify, parse_tags
 from proxy.background import Pending, completion_id
 from proxy.config import Upstream
 from proxy.counters import Ticket
 from proxy.enforcer import Refusal
 from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
+from proxy.exchange import Exchange
 from proxy.faults import Stage, classify
 from proxy.outcomes import HEADER as OUTCOME_HEADER
 from proxy.outcomes import OUTCOMES, parse_outcome
@@ -41,7 +43,7 @@ from proxy.shapes.base import BodyFacts, JSONObj, Kind, Prompt, RequestFacts
 from proxy.shapes.openai import RETRIEVE, response_id_of
 from proxy.sse import StreamMeter
 from proxy.stream_budget import StreamBudget
-from proxy.upstream import client_timeout, request_headers
+from proxy.upstream import request_headers
 from proxy.usage import ESTIMATED, PROVIDER, Usage
 
 log = logging.getLogger("meterproxy.proxy")
@@ -70,9 +72,6 @@ class Timings:
         return self.done - self.sent
 
 
-Exchange = tuple[ClientResponse, bytes | None]
-
-
 class Call:
     def __init__(self, svc: Services, request: web.Request, prefix: str) -> None:
         self.svc = svc
@@ -98,8 +97,13 @@ class Call:
         self.maybe_billed = False  # forwarded, then no answer: tokens unknown, not zero
         self.client_gone = False  # the client left; the upstream's answer is still metered
         self.response: web.StreamResponse | None = None
-        self._exchange: asyncio.Task[Exchange | None] | None = None
+        self.exchange_task: asyncio.Task[Exchange | None] | None = None
         self._credentials: dict[str, str] = {}
+
+    @property
+    def recorded(self) -> bool:
+        """Its ledger row is submitted: nothing may record it again."""
+        return self.phase >= Phase.RECORDED
 
     @property
     def prepared(self) -> bool:
@@ -115,7 +119,7 @@ class Call:
         except ProxyFault as fault:
             return await self.answer_fault(fault)
         except asyncio.CancelledError:
-            detached = self._detach()
+            detached = exchange.detach(self)
             raise
         except Exception as e:
             if self.prepared:
@@ -132,7 +136,7 @@ class Call:
         finally:
             if self.phase < Phase.RECORDED and not detached:
                 # Cancelled (shutdown past its grace) or a bug: still one row, still settled.
-                self._record_abnormal()
+                self.record_abnormal()
 
     async def _run(self) -> web.StreamResponse:
         _svc, request, rec = self.svc, self.request, self.record
@@ -363,17 +367,7 @@ class Call:
                                    _query(request, bool(svc.keys)))  # fmt: skip
         self.phase = Phase.FORWARDED
         self.timings.sent = time.perf_counter()
-        if rec.stream or not self.metered:
-            # Cut with its client: a stream (the provider stops generating when the
-            # connection drops) and what is not metered. No task needed.
-            response, body = await self._send(url, headers, data)
-        else:
-            # A task of its own: a client that leaves a non-streamed call does not stop
-            # it, and the provider's answer (and bill) is still recorded.
-            loop = asyncio.get_running_loop()
-            answer: asyncio.Future[Exchange] = loop.create_future()
-            self._exchange = loop.create_task(self._exchange_into(answer, url, headers, data))
-            response, body = await answer
+        response, body = await exchange.run(self, url, headers, data)
         try:
             if "text/event-stream" in response.headers.get("Content-Type", ""):
                 rec.stream = True
@@ -385,98 +379,6 @@ class Call:
             return await relay.raw(self, response)
         finally:
             response.release()
-
-    async def _exchange_into(
-        self, answer: asyncio.Future[Exchange], url: str, headers: Any, data: Any
-    ) -> Exchange | None:
-        """`_send`, its outcome handed to `answer`, which the call awaits instead of the
-        task: cancelling the call cancels only `answer` (what `asyncio.shield` does, with
-        one wake-up less). A call that was cancelled awaits the task itself (`_detach`)."""
-        try:
-            exchange = await self._send(url, headers, data)
-        except asyncio.CancelledError:
-            answer.cancel()
-            raise
-        except BaseException as e:
-            if answer.done():
-                raise
-            answer.set_exception(e)
-            return None
-        if answer.done():
-            return exchange
-        answer.set_result(exchange)
-        return None
-
-    async def _send(self, url: str, headers: Any, data: Any) -> Exchange:
-        """The request, and for a metered call that does not stream, its whole answer."""
-        rec, config = self.record, self.svc.config
-        try:
-            response = await self.svc.client().request(
-                self.request.method, url, headers=headers, data=data,
-                timeout=client_timeout(config.timeouts, rec.stream), allow_redirects=False,
-            )  # fmt: skip
-        except Exception as e:
-            failure = classify(e, Stage.CONNECT)
-            if failure is None:
-                raise
-            self.maybe_billed = failure.maybe_billed
-            raise failure.fault(rec.upstream) from None
-        self.timings.head = time.perf_counter()
-        if not self.metered or "text/event-stream" in response.headers.get("Content-Type", ""):
-            return response, None
-        try:
-            body = await response.read()
-        except Exception as e:
-            response.release()
-            fault = self.upstream_fault(e)
-            if fault is None:
-                raise
-            raise fault from None
-        self.timings.done = time.perf_counter()
-        return response, body
-
-    def _detach(self) -> bool:
-        """The client left while a non-streamed call was at the upstream: let it finish
-        there (bounded by timeouts.read) and record the provider's usage."""
-        task = self._exchange
-        if task is None or task.done() or self.svc.shutting_down or not self.metered:
-            if task is not None and not task.done():
-                task.cancel()
-            return False
-        self.client_gone = True
-        finishing = asyncio.ensure_future(self._finish_detached(task))
-        self.svc.inflight.add(finishing)  # a shutdown waits for it, then cancels it
-        finishing.add_done_callback(self.svc.inflight.discard)
-        return True
-
-    async def _finish_detached(self, task: asyncio.Task[Exchange | None]) -> None:
-        rec = self.record
-        try:
-            exchange = await task
-            assert exchange is not None  # its answer was not taken: the task keeps it
-            response, body = exchange
-            try:
-                if body is None:  # it streams: streams are cut with their client
-                    response.close()
-                    rec.error = "cancelled: the client disconnected"
-                    self._record_abnormal()
-                    return
-                await relay.meter_json(self, response, body)
-                rec.status = 499
-                rec.error = (rec.error + "; " if rec.error else "") + (
-                    "client disconnected; the upstream's answer was recorded")  # fmt: skip
-                await self.commit()
-            finally:
-                response.release()
-        except ProxyFault as fault:
-            rec.status, rec.error = 499, f"client disconnected; then {fault.code}: {fault.message}"
-            if self.ticket is not None and not self.ticket.settled:
-                self.price_usage(await self.estimate([]) if self.maybe_billed and self.price
-                                 else None)  # fmt: skip
-            await self.commit()
-        finally:
-            if self.phase < Phase.RECORDED:
-                self._record_abnormal()
 
     def upstream_fault(self, exc: BaseException) -> ProxyFault | None:
         failure = classify(exc, Stage.BODY)
@@ -643,7 +545,7 @@ class Call:
                                             rec.ended_at)  # fmt: skip
             self.svc.chore(closing, "recording an intent's outcome")
 
-    def _record_abnormal(self) -> None:
+    def record_abnormal(self) -> None:
         rec = self.record
         if rec.status == 0:
             rec.status = 499  # the client's request ended before an answer (nginx's code)
