@@ -134,7 +134,7 @@ class Call:
                 )
             )
         finally:
-            if self.phase < Phase.RECORDED and not detached:
+            if not self.recorded and not detached:
                 # Cancelled (shutdown past its grace) or a bug: still one row, still settled.
                 self.record_abnormal()
 

@@ -93,7 +93,7 @@ def detach(call: Call) -> bool:
     """The client left while a non-streamed call was at the upstream: let it finish
     there (bounded by timeouts.read) and record the provider's usage."""
     task = call.exchange_task
-    if task is None or task.done() or call.svc.shutting_down or not call.metered:
+    if task is None or task.done() or call.svc.shutting_down:  # a task: metered, not a stream
         if task is not None and not task.done():
             task.cancel()
         return False
