@@ -268,7 +268,10 @@ async def test_a_client_that_hangs_up_does_not_hide_the_bill(
     proxy = await make_proxy()
     task = asyncio.create_task(sdk(proxy).chat.completions.create(model="gpt-4o-2024-05-13",
                                                                   messages=HI))  # fmt: skip
-    await asyncio.sleep(0.1)
+    for _ in range(200):  # the client leaves while the call is at the upstream
+        if upstream.requests:
+            break
+        await asyncio.sleep(0.01)
     task.cancel()
     for _ in range(100):
         if len(await proxy.rows()) == 1:
