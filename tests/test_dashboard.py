@@ -97,11 +97,17 @@ async def test_dashboard_shows_the_apis_numbers(
     bar_limit = {"day": "max_cost_per_day_usd", "week": "max_cost_per_week_usd",
                  "month": "max_cost_per_day_usd"}  # no month limit: the first one shows  # fmt: skip
     for view in ("day", "week", "month"):
+        # The view is rendered by a load that ends after the click: the count of loads
+        # before it is passed already (a test that waited for `loads > 0` read the
+        # previous view whenever the new load was slower than the page's assertions).
+        loads = int(await page.get_attribute("#updated", "data-loads") or 0)
         await page.click(f"#views button[data-view='{view}']")
         await page.wait_for_function(
             "v => document.querySelector('#views button.active').dataset.view === v", arg=view
         )
-        await page.wait_for_function("() => document.querySelector('#updated').dataset.loads > 0")
+        await page.wait_for_function(
+            "n => Number(document.querySelector('#updated').dataset.loads) > n", arg=loads
+        )
         for name, status in agents.items():
             cell = page.locator(f"#agents tr[data-agent='{name}'] td.spent")
             assert await cell.get_attribute("data-usd") == status["windows"][view]["spent_usd"]
