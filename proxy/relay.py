@@ -175,6 +175,16 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
                 and (refusal := await budget.after())
             ):
                 break
+        if refusal is not None:
+            # What came in while the budget was asked was generated, so it is billed: it
+            # is metered and passed on before the hang-up (left unread, the row missed it
+            # and the budget counted less than the provider bills).
+            chunk = response.content.read_nowait()
+            data = meter.feed(decode.decode(chunk) if decode is not None else chunk)
+            if data:
+                await out.write(data)
+            if meter.final_seen:  # the stream ended meanwhile: nothing was cut
+                refusal = None
         if meter.final_seen and not response.content.at_eof():
             cut = await _after_final(meter, response, decode)
     except TimeoutError:
