@@ -121,6 +121,10 @@ async def test_workers_share_one_port_and_stop_together(
     proxy = ProxyProcess(tmp_path, fake_url, db_url=pg_url, args=("--workers", "2"), port=port)
     await proxy.start()
     try:
+        for _ in range(200):  # start() saw one worker listen; the other may still be starting
+            if proxy.log.count("listening on") == 2:
+                break
+            await asyncio.sleep(0.05)
         replicas = set()
         for _ in range(200):  # new connections: the kernel spreads them over the workers
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
