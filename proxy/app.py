@@ -222,6 +222,7 @@ def _services_ctx(
             if spool is not None:
                 await spool.close()
             await svc.client().close()
+            await svc.upstreams.close()
 
     return ctx
 

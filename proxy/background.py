@@ -25,6 +25,7 @@ from proxy.pricing import ModelPrice
 from proxy.records import CallRecord
 from proxy.shapes.base import BodyFacts
 from proxy.shapes.openai import facts_from_body
+from proxy.upstream import client_timeout
 from proxy.usage import PROVIDER
 
 if TYPE_CHECKING:
@@ -148,10 +149,14 @@ class BackgroundBook:
         p.next_poll = now + p.interval
         if not p.url:
             return
-        async with self.svc.client().get(p.url, headers=dict(p.headers)) as r:
+        timeouts = client_timeout(self.svc.config.timeouts, False)
+        r = await self.svc.upstreams.request("GET", p.url, p.headers, None, timeouts)
+        try:
             if r.status != 200:
                 return
             obj: Any = orjson.loads(await r.read())
+        finally:
+            r.release()
         facts = facts_from_body(obj)
         if facts.status in TERMINAL and p.response_id in self.pending:
             self.pending.pop(p.response_id, None)

@@ -361,7 +361,7 @@ class Call:
                                  if k.lower() in r.shape.credential_headers}  # fmt: skip
         data: Any = raw_body
         if raw_body is None and request.body_exists:
-            data = request.content  # unmetered uploads stream through, never buffered
+            data = request.content.iter_any()  # unmetered uploads stream, never buffered
         rec.llm_calls = 1 if r.endpoint.metered or r.endpoint.kind is Kind.UNPRICED else 0
         url = r.shape.upstream_url(upstream.base_url, r.prefix, r.upstream_path,
                                    _query(request, bool(svc.keys)))  # fmt: skip
@@ -602,7 +602,7 @@ class Call:
 def _query(request: web.Request, proxy_keys: bool) -> str:
     """The query string as sent; a proxy key in `?key=` (Gemini) never goes upstream."""
     if not proxy_keys or "key" not in request.query:
-        return request.query_string
+        return request.rel_url.raw_query_string
     return urlencode([(k, v) for k, v in request.query.items() if k != "key"])
 
 

@@ -12,17 +12,16 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientResponse
-
 from proxy import relay
 from proxy.errors import ProxyFault
 from proxy.faults import Stage, classify
 from proxy.upstream import client_timeout
+from proxy.upstream_client import Response
 
 if TYPE_CHECKING:
     from proxy.call import Call
 
-Exchange = tuple[ClientResponse, bytes | None]
+Exchange = tuple[Response, bytes | None]
 
 
 async def run(call: Call, url: str, headers: Any, data: Any) -> Exchange:
@@ -64,10 +63,9 @@ async def send(call: Call, url: str, headers: Any, data: Any) -> Exchange:
     """The request, and for a metered call that does not stream, its whole answer."""
     rec, config = call.record, call.svc.config
     try:
-        response = await call.svc.client().request(
-            call.request.method, url, headers=headers, data=data,
-            timeout=client_timeout(config.timeouts, rec.stream), allow_redirects=False,
-        )  # fmt: skip
+        response = await call.svc.upstreams.request(
+            call.request.method, url, headers, data, client_timeout(config.timeouts, rec.stream)
+        )
     except Exception as e:
         failure = classify(e, Stage.CONNECT)
         if failure is None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from aiohttp import ClientConnectorError, ClientError, ConnectionTimeoutError
-
 from proxy.errors import ProxyFault
+from proxy.upstream_client import CannotConnect, ConnectTimeout, UpstreamError
 
 
 class Stage(enum.Enum):
@@ -30,18 +29,18 @@ class UpstreamFailure:
 def classify(exc: BaseException, stage: Stage) -> UpstreamFailure | None:
     """None: not an upstream failure (let it propagate)."""
     if stage is Stage.CONNECT:
-        if isinstance(exc, ConnectionTimeoutError):
+        if isinstance(exc, ConnectTimeout):
             return UpstreamFailure(504, "upstream_timeout", "did not accept a connection in time",
                                    False)  # fmt: skip
         if isinstance(exc, TimeoutError):
             return UpstreamFailure(504, "upstream_timeout", "did not answer in time", True)
-        if isinstance(exc, ClientConnectorError):
+        if isinstance(exc, CannotConnect):
             return UpstreamFailure(502, "upstream_unreachable", f"is unreachable: {exc}", False)
-        if isinstance(exc, ClientError):
+        if isinstance(exc, UpstreamError):
             return UpstreamFailure(502, "upstream_error", f"failed: {exc}", False)
         return None
     if isinstance(exc, TimeoutError):
         return UpstreamFailure(504, "upstream_timeout", "stalled mid-body", True)
-    if isinstance(exc, ClientError):
+    if isinstance(exc, UpstreamError):
         return UpstreamFailure(502, "upstream_error", f"cut the body: {exc}", True)
     return None

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp import ClientResponse, web
+from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.decoding import DecodeError, Decoder, decode_all, decoder
@@ -21,6 +21,7 @@ from proxy.security import allow_reading
 from proxy.shapes.base import Kind
 from proxy.sse import AFTER_FINAL_BYTES, StreamMeter
 from proxy.upstream import response_headers
+from proxy.upstream_client import Response
 from proxy.usage import ESTIMATED
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def error_text(call: Call, status: int, data: bytes) -> str:
 # -- a metered body ------------------------------------------------------------------------
 
 
-async def meter_json(call: Call, response: ClientResponse, data: bytes) -> None:
+async def meter_json(call: Call, response: Response, data: bytes) -> None:
     """Usage and cost of a whole answer, onto the call's row (and its reservation settled)."""
     rec = call.record
     assert call.route is not None
@@ -99,7 +100,7 @@ async def meter_json(call: Call, response: ClientResponse, data: bytes) -> None:
     call.price_usage(await call.estimate(texts))
 
 
-async def json(call: Call, response: ClientResponse, data: bytes) -> web.StreamResponse:
+async def json(call: Call, response: Response, data: bytes) -> web.StreamResponse:
     """A metered answer that does not stream: metered whole, sent with its cost."""
     await meter_json(call, response, data)
     rec = call.record
@@ -113,24 +114,25 @@ async def json(call: Call, response: ClientResponse, data: bytes) -> web.StreamR
     return call.response
 
 
-async def retrieved(call: Call, response: ClientResponse) -> web.StreamResponse:
+async def retrieved(call: Call, response: Response) -> web.StreamResponse:
     """`GET responses/{id}`: passed on as it came; a finished background response in it
     has its cost recorded."""
     try:
-        data = await response.content.read(_RETRIEVE_MAX_BYTES + 1)
+        data = await response.read(limit=_RETRIEVE_MAX_BYTES)
     except Exception as e:
         fault = call.upstream_fault(e)
         if fault is None:
             raise
         raise fault from None
+    if len(data) > _RETRIEVE_MAX_BYTES:  # too big to read for usage: passed on as it comes
+        return await raw(call, response, first=data)
     rec = call.record
     rec.status = response.status
     call.price_usage(None)
-    if len(data) <= _RETRIEVE_MAX_BYTES:
-        with contextlib.suppress(DecodeError):
-            body = decode_all(data, response.headers.get("Content-Encoding"))
-            assert call.route is not None
-            await call.observed(call.route.shape.body_facts(call.route.endpoint, _loads(body)))
+    with contextlib.suppress(DecodeError):
+        body = decode_all(data, response.headers.get("Content-Encoding"))
+        assert call.route is not None
+        await call.observed(call.route.shape.body_facts(call.route.endpoint, _loads(body)))
     headers = response_headers(response.headers)
     headers["x-meter-request-id"] = rec.id
     await call.commit()
@@ -141,7 +143,7 @@ async def retrieved(call: Call, response: ClientResponse) -> web.StreamResponse:
 # -- a metered stream ----------------------------------------------------------------------
 
 
-async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web.StreamResponse:
+async def stream(call: Call, response: Response, strip_usage: bool) -> web.StreamResponse:
     rec, config = call.record, call.svc.config
     assert call.route is not None
     shape, ep = call.route.shape, call.route.endpoint
@@ -163,7 +165,7 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
     refusal = None
     client_gone = False
     try:
-        async for chunk in response.content.iter_any():
+        async for chunk in response:
             data = meter.feed(decode.decode(chunk) if decode is not None else chunk)
             if data:
                 await out.write(data)
@@ -179,13 +181,13 @@ async def stream(call: Call, response: ClientResponse, strip_usage: bool) -> web
             # What came in while the budget was asked was generated, so it is billed: it
             # is metered and passed on before the hang-up (left unread, the row missed it
             # and the budget counted less than the provider bills).
-            chunk = response.content.read_nowait()
+            chunk = response.read_nowait()
             data = meter.feed(decode.decode(chunk) if decode is not None else chunk)
             if data:
                 await out.write(data)
             if meter.final_seen:  # the stream ended meanwhile: nothing was cut
                 refusal = None
-        if meter.final_seen and not response.content.at_eof():
+        if meter.final_seen and not response.at_eof():
             cut = await _after_final(meter, response, decode)
     except TimeoutError:
         cut = f"upstream stream idle for more than {config.timeouts.stream_idle:g}s"
@@ -259,7 +261,7 @@ async def _prepared(
 
 
 async def _after_final(
-    meter: StreamMeter, response: ClientResponse, decode: Decoder | None
+    meter: StreamMeter, response: Response, decode: Decoder | None
 ) -> str | None:
     """The upstream's end after the final event, normally there already. What follows the
     final event is kept up to a bound; more, or no end in time, and the upstream
@@ -267,7 +269,7 @@ async def _after_final(
     try:
         async with asyncio.timeout(AFTER_FINAL_SECONDS):
             while not meter.overflow:
-                chunk = await response.content.readany()
+                chunk = await response.readany()
                 if not chunk:
                     return None
                 meter.feed(decode.decode(chunk) if decode is not None else chunk)
@@ -282,10 +284,10 @@ async def _after_final(
 
 
 async def raw(
-    call: Call, response: ClientResponse, *, estimate: bool = False
+    call: Call, response: Response, *, estimate: bool = False, first: bytes = b""
 ) -> web.StreamResponse:
-    """Unmetered paths (and a stream the proxy cannot decode): bytes through as they come;
-    the last chunk waits for the row."""
+    """Unmetered paths (and a stream the proxy cannot decode): bytes through as they come,
+    after `first` (what was read already); the last chunk waits for the row."""
     rec = call.record
     rec.status = response.status
     if not estimate:
@@ -295,10 +297,10 @@ async def raw(
     out = await _prepared(
         call, response.status, response_headers(response.headers), response.content_length
     )
-    pending = b""
+    pending = first
     error = None
     try:
-        async for chunk in response.content.iter_any():
+        async for chunk in response:
             if pending:
                 await out.write(pending)
             pending = chunk

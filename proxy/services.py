@@ -29,6 +29,7 @@ from proxy.records import CallRecord
 from proxy.storage import Storage
 from proxy.storage.outcomes import set_outcome
 from proxy.tokens import TokenCounter
+from proxy.upstream_client import UpstreamClient
 
 
 class RequestIds:
@@ -52,7 +53,8 @@ class Services:
     tokens: TokenCounter
     bus: EventBus
     clock: Callable[[], float]
-    session: ClientSession | None = None
+    upstreams: UpstreamClient = field(default_factory=UpstreamClient)  # every upstream call
+    session: ClientSession | None = None  # the proxy's own requests (alert webhooks)
     keys: KeyRing = field(default_factory=lambda: KeyRing({}))
     new_id: RequestIds = field(default_factory=RequestIds)
     warned_models: set[str] = field(default_factory=set)
@@ -80,7 +82,7 @@ class Services:
         return max(self.stop_deadline - time.monotonic(), 0.5)
 
     def client(self) -> ClientSession:
-        """The one shared client session (upstreams, webhooks)."""
+        """The shared session of the proxy's own requests (webhooks)."""
         assert self.session is not None
         return self.session
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 
-from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector
+from aiohttp import ClientSession, DummyCookieJar, TCPConnector
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Timeouts, Upstream
 from proxy.shapes.base import ApiShape
+from proxy.upstream_client import Timeout
 
 # RFC 9110 section 7.6.1 hop-by-hop headers, plus those the proxy must recompute.
 HOP_BY_HOP = frozenset(
@@ -98,17 +99,13 @@ def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 @lru_cache(maxsize=16)
-def client_timeout(timeouts: Timeouts, streaming: bool) -> ClientTimeout:
-    return ClientTimeout(
-        total=None,
-        connect=timeouts.connect,
-        sock_connect=timeouts.connect,
-        sock_read=timeouts.stream_idle if streaming else timeouts.read,
-    )
+def client_timeout(timeouts: Timeouts, streaming: bool) -> Timeout:
+    return Timeout(timeouts.connect, timeouts.stream_idle if streaming else timeouts.read)
 
 
 def make_session() -> ClientSession:
-    """The one shared client session: pooled keep-alive connections, bodies left as sent."""
+    """The session of the proxy's own requests (alert webhooks): upstream calls go
+    through `proxy.upstream_client`. Bodies left as sent, no cookies kept."""
     connector = TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
     return ClientSession(
         connector=connector,
