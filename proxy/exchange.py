@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from proxy import relay
 from proxy.errors import ProxyFault
 from proxy.faults import Stage, classify
+from proxy.http1 import Response
 from proxy.upstream import client_timeout
-from proxy.upstream_client import Response
 
 if TYPE_CHECKING:
     from proxy.call import Call

@@ -7,7 +7,8 @@ import enum
 from dataclasses import dataclass
 
 from proxy.errors import ProxyFault
-from proxy.upstream_client import CannotConnect, ConnectTimeout, UpstreamError
+from proxy.http1 import UpstreamError
+from proxy.upstream_client import CannotConnect, ConnectTimeout
 
 
 class Stage(enum.Enum):

@@ -15,13 +15,13 @@ from multidict import CIMultiDict
 
 from proxy.decoding import DecodeError, Decoder, decode_all, decoder
 from proxy.errors import BUDGET_ERROR
+from proxy.http1 import Response
 from proxy.money import usd_exact
 from proxy.redact import redact
 from proxy.security import allow_reading
 from proxy.shapes.base import Kind
 from proxy.sse import AFTER_FINAL_BYTES, StreamMeter
 from proxy.upstream import response_headers
-from proxy.upstream_client import Response
 from proxy.usage import ESTIMATED
 
 if TYPE_CHECKING:

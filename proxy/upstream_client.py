@@ -1,11 +1,11 @@
-"""The client of every upstream call: HTTP/1.1 keep-alive over asyncio protocols, each
-answer parsed by httptools (llhttp, the parser of Node.js and of aiohttp itself).
+"""The client of every upstream call: keep-alive HTTP/1.1 connections (`proxy.http1`)
+pooled per origin, with the connect and read timeouts, name resolution and TLS.
 
 aiohttp's ClientSession builds per request what a proxy never uses (URL objects, cookie
 filtering, auth and redirect handling, trace hooks, a payload registry, default headers):
-it was more than half of the bare aiohttp forwarder's CPU per call. This client does one
-request, gives its answer as it comes (with flow control both ways), and hands the
-connection back to its pool once the answer is complete.
+it was more than half of the bare aiohttp forwarder's CPU per call. This client sends one
+request, returns its answer once the head is in, and takes the connection back when the
+answer is complete.
 """
 
 from __future__ import annotations
@@ -15,22 +15,16 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections import deque
 from collections.abc import AsyncIterable, Mapping
 from typing import NamedTuple, cast
 from urllib.parse import quote, urlsplit
 
-import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
-_HIGH_WATER = 256 * 1024  # buffered answer bytes at which the upstream is paused
+from proxy.http1 import Connection, Response, UpstreamError, request_head
+
 _DNS_SECONDS = 300.0  # how long a resolved address is reused (aiohttp's ttl_dns_cache)
 _NOT_IN_TARGET = re.compile(r"[^\x21-\x7e]")  # what a request line cannot carry raw
-_LINE_BREAK = re.compile(r"[\r\n]")
-
-
-class UpstreamError(Exception):
-    """The exchange with the upstream failed (other than by a timeout)."""
 
 
 class CannotConnect(UpstreamError):
@@ -39,10 +33,6 @@ class CannotConnect(UpstreamError):
 
 class ConnectTimeout(TimeoutError):
     """No connection within the connect timeout: the request never left."""
-
-
-class ReadTimeout(TimeoutError):
-    """The upstream was silent for longer than the read timeout."""
 
 
 class Timeout(NamedTuple):
@@ -92,365 +82,14 @@ def _origin(base: str) -> Origin:
     return Origin(parts.hostname, port, tls, netloc, literal)
 
 
-class Response:
-    """An upstream's answer: status and headers now, the body as it arrives."""
-
-    __slots__ = ("_buffer", "_conn", "_eof", "_error", "_size", "_waiter", "headers", "status")
-
-    def __init__(self, conn: _Connection) -> None:
-        self._conn: _Connection | None = conn
-        self.status = 0
-        self.headers: CIMultiDictProxy[str] = _NO_HEADERS
-        self._buffer: deque[bytes] = deque()
-        self._size = 0
-        self._eof = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
-
-    # -- the body, as it comes -------------------------------------------------------
-
-    def at_eof(self) -> bool:
-        """The whole body arrived and was read."""
-        return self._eof and not self._buffer
-
-    def read_nowait(self) -> bytes:
-        """What has arrived and was not read yet (b"" when nothing has)."""
-        if self._error is not None and not self._buffer:
-            raise self._error
-        if not self._buffer:
-            return b""
-        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        self._buffer.clear()
-        self._size = 0
-        conn = self._conn
-        if conn is not None and conn.reading_paused:
-            conn.resume()
-        return data
-
-    async def readany(self) -> bytes:
-        """The next bytes of the body as soon as there are any; b"" at its end."""
-        while not self._buffer and not self._eof:
-            if self._error is not None:
-                raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.read_nowait()
-
-    def __aiter__(self) -> Response:
-        return self
-
-    async def __anext__(self) -> bytes:
-        data = await self.readany()
-        if not data:
-            raise StopAsyncIteration
-        return data
-
-    async def read(self, limit: int | None = None) -> bytes:
-        """The whole body; with `limit`, it stops once more than `limit` bytes came."""
-        parts = []
-        size = 0
-        while limit is None or size <= limit:
-            data = await self.readany()
-            if not data:
-                break
-            parts.append(data)
-            size += len(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    # -- the connection behind it -----------------------------------------------------
-
-    def release(self) -> None:
-        """Done with it: an answer not read to its end takes its connection with it."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.abort()
-
-    close = release
-
-    # -- fed by the connection -------------------------------------------------------
-
-    def _feed(self, data: bytes) -> None:
-        self._buffer.append(data)
-        self._size += len(data)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _end(self, error: BaseException | None) -> None:
-        self._conn = None
-        if error is None:
-            self._eof = True
-        else:
-            self._error = error
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection: one request at a time, its answer fed to a Response."""
-
-    def __init__(self, client: UpstreamClient, origin: Origin) -> None:
-        self.client = client
-        self.origin = origin
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.idle_since = 0.0
-        self.reading_paused = False
-        self.response: Response | None = None
-        self.head: asyncio.Future[Response] | None = None
-        self.head_only = False  # HEAD: the answer ends with its head
-        self.sending: asyncio.Task[None] | None = None  # a body still being sent
-        self._headers: list[tuple[str, str]] = []
-        self._informational = False
-        self._until_close = False  # no length, not chunked: the body ends with the connection
-        self._complete = False
-        self._keep_alive = False  # read at the head: the parser forgets it once it is done
-        self._read_timeout: float | None = None
-        self._last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._write_paused = False
-        self._drained: asyncio.Future[None] | None = None
-
-    # -- asyncio.Protocol -------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        self._last_read = self.loop.time()
-        if self.response is None:  # nothing asked: an upstream that talks out of turn
-            self.abort()
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            self._fail(UpstreamError(f"the upstream's answer is not valid HTTP/1.1: {e}"))
-            return
-        if self._complete:
-            self._done()
-
-    def eof_received(self) -> bool:
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.client._forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.response is not None:
-            if exc is None and self._until_close and self.head is not None and self.head.done():
-                self._complete = True
-                self._done()
-            else:
-                started = self.head is not None and self.head.done()
-                why = (
-                    "the upstream closed the connection mid-body"
-                    if started
-                    else "the upstream closed the connection before answering"
-                )
-                self._fail(UpstreamError(why + (f": {exc}" if exc else "")))
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_exception(UpstreamError("the upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
-
-    # -- httptools callbacks ----------------------------------------------------------
-
-    def on_header(self, name: bytes, value: bytes | None) -> None:
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"),
-             value.decode("utf-8", "surrogateescape") if value else "")
-        )  # fmt: skip
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:  # 103 Early Hints and the like: not it
-            self._informational = True
-            self._headers = []
-            return
-        response, head = self.response, self.head
-        assert response is not None and head is not None
-        response.status = status
-        headers = CIMultiDict(self._headers)
-        response.headers = CIMultiDictProxy(headers)
-        self._headers = []
-        self._keep_alive = self.parser.should_keep_alive()
-        self._until_close = (
-            "Content-Length" not in headers
-            and "Transfer-Encoding" not in headers
-            and status not in (204, 304)
-        )
-        if not head.done():
-            head.set_result(response)
-        if self.head_only:
-            self._complete = True
-            self._until_close = False
-
-    def on_body(self, body: bytes) -> None:
-        response = self.response
-        if response is None or self._complete:
-            return
-        response._feed(body)
-        if response._size > _HIGH_WATER and not self.reading_paused:
-            self.reading_paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
-
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        self._complete = True
-
-    # -- a request --------------------------------------------------------------------
-
-    def start(self, head: bytes, body: bytes | AsyncIterable[bytes] | None, method: str,
-              read_timeout: float | None) -> asyncio.Future[Response]:  # fmt: skip
-        assert self.transport is not None
-        response = Response(self)
-        self.response = response
-        self.head = self.loop.create_future()
-        self.head_only = method == "HEAD"
-        self._complete = self._until_close = self._informational = False
-        self._read_timeout = read_timeout
-        self._last_read = self.loop.time()
-        if read_timeout is not None:
-            self._timer = self.loop.call_at(self._last_read + read_timeout, self._check_silence)
-        if body is None or isinstance(body, bytes):
-            self.transport.writelines((head, body) if body else (head,))
-        else:
-            self.transport.write(head)
-            self.sending = self.loop.create_task(self._send_chunked(body))
-        return self.head
-
-    async def _send_chunked(self, body: AsyncIterable[bytes]) -> None:
-        transport = self.transport
-        assert transport is not None
-        try:
-            async for chunk in body:
-                if chunk and not self.closed:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-                    if self._write_paused:
-                        await self._drain()
-            if not self.closed:
-                transport.write(b"0\r\n\r\n")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the client's upload broke off: so does this request
-            self._fail(UpstreamError(f"the request body could not be read: {e}"))
-            self.abort()
-        finally:
-            self.sending = None
-
-    async def _drain(self) -> None:
-        if self.closed:
-            raise UpstreamError("the upstream closed the connection")
-        self._drained = self.loop.create_future()
-        await self._drained
-
-    def resume(self) -> None:
-        self.reading_paused = False
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-            self._last_read = self.loop.time()  # silence while paused was ours
-            if self._timer is None and self._read_timeout is not None and self.response is not None:
-                self._timer = self.loop.call_at(self._last_read + self._read_timeout,
-                                                self._check_silence)  # fmt: skip
-
-    def _check_silence(self) -> None:
-        """One timer per connection, moved on only when it fires: a read costs a clock
-        read, not a timer (aiohttp rearms one per read)."""
-        self._timer = None
-        timeout = self._read_timeout
-        if self.response is None or self.reading_paused or timeout is None:
-            return
-        deadline = self._last_read + timeout
-        if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._check_silence)
-            return
-        self._fail(ReadTimeout(f"the upstream was silent for more than {timeout:g}s"))
-        self.abort()
-
-    def _done(self) -> None:
-        """The answer is complete: the response has it all, the connection is free."""
-        response, self.response, self.head = self.response, None, None
-        self._complete = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        reusable = (
-            not self.closed
-            and self.sending is None
-            and not self._until_close
-            and not self.head_only
-            and self._keep_alive
-        )
-        if self.sending is not None:  # answered before the body was all sent
-            self.sending.cancel()
-        if response is not None:
-            response._end(None)
-        if reusable:
-            if self.reading_paused:
-                self.reading_paused = False
-                assert self.transport is not None
-                self.transport.resume_reading()
-            self.client._park(self)
-        else:
-            self.abort()
-
-    def _fail(self, error: BaseException) -> None:
-        response, head = self.response, self.head
-        self.response = self.head = None
-        if head is not None and not head.done():
-            head.set_exception(error)
-            head.exception()  # retrieved here: the caller may be gone already
-        if response is not None:
-            response._end(error)
-
-    def abort(self) -> None:
-        """Drop the connection now (an answer not read to its end cannot be reused)."""
-        if self.sending is not None:
-            self.sending.cancel()
-        if self.response is not None:
-            self._fail(UpstreamError("the answer was abandoned"))
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.abort()
-        self.client._forget(self)
-
-
 class UpstreamClient:
     """Pooled keep-alive connections per origin; idle ones are closed after `keepalive`."""
 
     def __init__(self, keepalive: float = 60.0, tls: ssl.SSLContext | None = None) -> None:
         self.keepalive = keepalive
         self._tls = tls
-        self._idle: dict[Origin, list[_Connection]] = {}
-        self._open: set[_Connection] = set()
+        self._idle: dict[Origin, list[Connection]] = {}
+        self._open: set[Connection] = set()
         # Resolved addresses, and until when; a look-up in flight is shared by every
         # connection that needs it (a burst of new streams resolves a name once).
         self._dns: dict[tuple[str, int], tuple[float, asyncio.Future[list[tuple[str, int]]]]] = {}
@@ -467,7 +106,7 @@ class UpstreamClient:
         """Send the request; return once the answer's head is in. The caller reads the
         body, then calls `release()` (which closes a connection not read to its end)."""
         origin, target = split_url(url)
-        head = _head(method, target, origin, headers, body)
+        head = request_head(method, target, origin.host_header, headers, body)
         conn = await self._acquire(origin, timeouts.connect)
         answered = conn.start(head, body, method, timeouts.read)
         try:
@@ -490,7 +129,7 @@ class UpstreamClient:
 
     # -- the pool ---------------------------------------------------------------------
 
-    async def _acquire(self, origin: Origin, connect_timeout: float | None) -> _Connection:
+    async def _acquire(self, origin: Origin, connect_timeout: float | None) -> Connection:
         idle = self._idle.get(origin)
         if idle:
             now = asyncio.get_running_loop().time()
@@ -507,7 +146,7 @@ class UpstreamClient:
                 f"no connection to {origin.host}:{origin.port} within {connect_timeout:g}s"
             ) from None
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, origin: Origin) -> Connection:
         loop = asyncio.get_running_loop()
         tls: ssl.SSLContext | None = None
         if origin.tls:
@@ -518,7 +157,7 @@ class UpstreamClient:
         for host, port in await self._resolve(origin):
             try:
                 transport, conn = await loop.create_connection(
-                    lambda: _Connection(self, origin), host, port, ssl=tls,
+                    lambda: Connection(self, origin), host, port, ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )  # fmt: skip
             except OSError as e:  # ssl.SSLError included: a bad certificate is no upstream
@@ -558,10 +197,10 @@ class UpstreamClient:
             raise CannotConnect(f"cannot resolve {origin.host}: {e}") from None
         return list(dict.fromkeys((str(i[4][0]), int(i[4][1])) for i in infos))
 
-    def _park(self, conn: _Connection) -> None:
+    def park(self, conn: Connection) -> None:
         loop = conn.loop
         conn.idle_since = loop.time()
-        self._idle.setdefault(conn.origin, []).append(conn)
+        self._idle.setdefault(cast(Origin, conn.origin), []).append(conn)
         if self._sweep is None:
             self._sweep = loop.call_later(self.keepalive, self._sweep_idle)
 
@@ -581,31 +220,5 @@ class UpstreamClient:
             self._sweep = asyncio.get_running_loop().call_later(self.keepalive / 2,
                                                                 self._sweep_idle)  # fmt: skip
 
-    def _forget(self, conn: _Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         self._open.discard(conn)
-
-
-def _head(
-    method: str,
-    target: str,
-    origin: Origin,
-    headers: Mapping[str, str] | CIMultiDict[str],
-    body: bytes | AsyncIterable[bytes] | None,
-) -> bytes:
-    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
-    if fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
-        # A line break inside a header would end it early: a header (or a request) of
-        # the client's making smuggled into the upstream. Refused, naming the header.
-        bad = next(n for n, v in headers.items() if _LINE_BREAK.search(n + v))
-        raise UpstreamError(f"header {bad!r} holds a line break; the request was not sent")
-    if isinstance(body, bytes):
-        length = f"Content-Length: {len(body)}\r\n"
-    elif body is None:
-        length = "Content-Length: 0\r\n" if method in _BODY_METHODS else ""
-    else:
-        length = "Transfer-Encoding: chunked\r\n"
-    head = f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n{fields}{length}\r\n"
-    return head.encode("utf-8", "surrogateescape")
-
-
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

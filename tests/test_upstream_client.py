@@ -15,15 +15,8 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy.upstream_client import (
-    CannotConnect,
-    ConnectTimeout,
-    ReadTimeout,
-    Timeout,
-    UpstreamClient,
-    UpstreamError,
-    split_url,
-)
+from proxy.http1 import ReadTimeout, UpstreamError
+from proxy.upstream_client import CannotConnect, ConnectTimeout, Timeout, UpstreamClient, split_url
 
 T = Timeout(2.0, 2.0)
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
