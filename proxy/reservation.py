@@ -12,8 +12,9 @@ and a model's maximum (128,000 tokens) would refuse every call of a small budget
 
 - a stream reserves its *expected* output (the larger of `budgets.reserve_output_tokens`
   and the 95th percentile of this agent's recent answers from this model, within the
-  request's cap) and is metered as it flows (`proxy.stream_budget`), extended slice by
-  slice, cut when the budget cannot pay for the next slice;
+  request's cap) and, unless that covers its whole cap, is metered as it flows
+  (`proxy.stream_budget`), extended slice by slice, cut when the budget cannot pay for
+  the next slice;
 - a non-streamed call (and a stream of a model that reasons in tokens a stream does not
   show) cannot be cut: under `budgets.on_uncapped: clamp` (the default) its output cap is
   set to what the budget affords, so the provider itself stops there; an uncapped call
@@ -133,8 +134,11 @@ async def reserve(call: Call) -> Reservation:
     recent = await svc.history.expected(call.record.agent, price.name) or 0
     expected = min(max(config.reserve_output_tokens, recent) * choices, worst)
     if (facts.stream or ep.stream) and not price.hidden_reasoning:
+        # Metered as it flows only if it can outgrow its reservation: a stream whose whole
+        # cap is reserved cannot, so its events are not parsed one by one for their text.
+        flowing = max(expected, 1) if expected < worst else None
         return Reservation(input_cost + expected * rate, input_tokens, input_cost, rate,
-                           expected, slice_tokens=max(expected, 1), tier=tier)  # fmt: skip
+                           expected, slice_tokens=flowing, tier=tier)  # fmt: skip
     return _capped(call, rates, input_tokens, input_cost, rate, worst, expected, tier)
 
 

@@ -208,6 +208,39 @@ async def test_images_are_reserved_by_the_models_rule(make_proxy: ProxyFactory, 
     assert min(reserved) >= 48_169 * 150_000  # every one held at least the image's tokens
 
 
+async def test_a_stream_is_metered_as_it_flows_unless_its_whole_cap_is_reserved(
+    make_proxy: ProxyFactory, fake: Any
+) -> None:
+    """Reserved: the prompt and 100 tokens. Capped at 1,000, a stream can outgrow that, so
+    it is counted as it flows and cut at the budget ($0.002: 197 output tokens). Capped at
+    50 it cannot: it runs to its end, billed as the provider counts."""
+    upstream, _ = fake
+    upstream.script.update(prompt_tokens=9, chunks=400, completion_tokens=400,
+                           chunk_text=" the", token_chunks=True, chunk_delay=0.002)  # fmt: skip
+    proxy = await make_proxy(reserve_output_tokens=100, policies=policies(
+        "budgets:\n  defaults: {max_cost_per_day_usd: 0.002}\n"))  # fmt: skip
+    client = sdk(proxy)
+    with pytest.raises(openai.APIError, match="The stream was cut"):
+        stream = await client.chat.completions.create(model="gpt-4o", messages=HI,
+                                                      stream=True, max_tokens=1000)  # fmt: skip
+        async for _ in stream:
+            pass
+    [cut] = await proxy.rows()
+    assert cut["error"].startswith("stream cut by the budget")
+    assert cut["cost_pico"] <= 2 * USD // 1000
+    assert 150 <= cut["output_tokens"] <= 197, cut["output_tokens"]
+
+    upstream.script.update(chunks=50, completion_tokens=50)
+    stream = await sdk(proxy, "other").chat.completions.create(model="gpt-4o", messages=HI, stream=True,
+                                                  max_tokens=50)  # fmt: skip
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == " the" * 50
+    whole = (await proxy.rows())[-1]
+    assert (whole["error"], whole["usage_source"], whole["output_tokens"]) == (None, "provider", 50)
+    assert whole["cost_pico"] == 9 * 2_500_000 + 50 * 10_000_000
+    assert proxy.svc.enforcer.outstanding == 0
+
+
 async def test_background_responses_keep_their_reservation_until_they_finish(
     make_proxy: ProxyFactory, fake: Any, db_url: str
 ) -> None:
