@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from proxy import exchange, intake, relay
+from proxy import exchange, intake, relay, relay_stream
 from proxy.attribution import UNAUTHENTICATED, end_user, identify, parse_tags
 from proxy.background import Pending, completion_id
 from proxy.config import Upstream
@@ -371,7 +371,7 @@ class Call:
         try:
             if "text/event-stream" in response.headers.get("Content-Type", ""):
                 rec.stream = True
-                return await relay.stream(self, response, strip_usage)
+                return await relay_stream.stream(self, response, strip_usage)
             if body is not None:
                 return await relay.json(self, response, body)
             if r.endpoint.name == RETRIEVE and response.status == 200:

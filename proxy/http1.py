@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterable, Hashable, Mapping
+from collections.abc import AsyncIterable, Callable, Hashable, Mapping
 from typing import Protocol, cast
 
 import httptools
@@ -38,7 +38,9 @@ class Pool(Protocol):
 class Response:
     """An upstream's answer: status and headers now, the body as it arrives."""
 
-    __slots__ = ("_buffer", "_conn", "_eof", "_error", "_size", "_waiter", "headers", "status")
+    __slots__ = (
+        "_buffer", "_conn", "_eof", "_error", "_sink", "_size", "_waiter", "headers", "status",
+    )  # fmt: skip
 
     def __init__(self, conn: Connection) -> None:
         self._conn: Connection | None = conn
@@ -49,6 +51,7 @@ class Response:
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None  # see pump()
 
     @property
     def content_length(self) -> int | None:
@@ -63,8 +66,7 @@ class Response:
 
     def read_nowait(self) -> bytes:
         """What has arrived and was not read yet (b"" when nothing has)."""
-        if self._error is not None and not self._buffer:
-            raise self._error
+        self._raise_if_cut()
         if not self._buffer:
             return b""
         data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
@@ -108,6 +110,30 @@ class Response:
             size += len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def pump(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand the body to `sink` piece by piece as it arrives, inside the connection's
+        callback: no task wakes up per piece. What arrived before goes first. Returns
+        once `sink` returns False (it took that piece, and wants no more for now) or the
+        body has ended; raises what cut the body, or what `sink` raised."""
+        while self._buffer:
+            if not sink(self.read_nowait()):
+                return
+        if self._eof:
+            return
+        self._raise_if_cut()
+        self._sink = sink
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = self._sink = None
+        self._raise_if_cut()
+
+    def _raise_if_cut(self) -> None:
+        """What cut the body, once what came before it has been read."""
+        if self._error is not None and not self._buffer:
+            raise self._error
+
     # -- the connection behind it -----------------------------------------------------
 
     def release(self) -> None:
@@ -121,8 +147,17 @@ class Response:
     # -- fed by the connection -------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
-        self._buffer.append(data)
-        self._size += len(data)
+        sink = self._sink
+        if sink is not None:
+            try:
+                if sink(data):
+                    return
+            except Exception as e:  # raised by pump(), not into the connection's parser
+                self._error = e
+            self._sink = None
+        else:
+            self._buffer.append(data)
+            self._size += len(data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

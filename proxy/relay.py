@@ -1,35 +1,31 @@
-"""How an upstream's answer reaches the client: a metered body, a metered stream, or bytes
-passed through. Each ends with the call's row committed before its last byte goes out
-(the durability promise), and each mirrors an upstream that fails mid-way."""
+"""How an upstream's answer reaches the client: a metered body, or bytes passed through
+(a metered stream is `proxy.relay_stream`). Each ends with the call's row committed
+before its last byte goes out (the durability promise), and each mirrors an upstream
+that fails mid-way."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
-from proxy.decoding import DecodeError, Decoder, decode_all, decoder
-from proxy.errors import BUDGET_ERROR
+from proxy.decoding import DecodeError, decode_all
 from proxy.http1 import Response
 from proxy.money import usd_exact
 from proxy.redact import redact
 from proxy.security import allow_reading
 from proxy.shapes.base import Kind
-from proxy.sse import AFTER_FINAL_BYTES, StreamMeter
 from proxy.upstream import response_headers
 from proxy.usage import ESTIMATED
 
 if TYPE_CHECKING:
     from proxy.call import Call
 
-# After a stream's final event: how long to wait for the upstream's end (it is normally
-# already there), before cutting the connection instead.
-AFTER_FINAL_SECONDS = 1.0
 REQUEST = "request"  # usage_source of what the request itself says exactly (characters)
 _RETRIEVE_MAX_BYTES = 64 << 20
 
@@ -140,115 +136,9 @@ async def retrieved(call: Call, response: Response) -> web.StreamResponse:
     return call.response
 
 
-# -- a metered stream ----------------------------------------------------------------------
-
-
-async def stream(call: Call, response: Response, strip_usage: bool) -> web.StreamResponse:
-    rec, config = call.record, call.svc.config
-    assert call.route is not None
-    shape, ep = call.route.shape, call.route.endpoint
-    headers = response_headers(response.headers)
-    try:
-        decode = decoder(response.headers.get("Content-Encoding"))
-    except DecodeError as e:
-        rec.error = f"upstream stream is {e}"
-        return await raw(call, response, estimate=True)
-    if decode is not None:
-        # Events are read, and may be changed (a usage chunk dropped, a cut): the client
-        # gets them decoded, as it would from an upstream that honoured identity.
-        headers.popall("Content-Encoding", None)
-    out = await _prepared(call, response.status, headers)
-    budget = call.stream_budget
-    meter = call.meter = StreamMeter(shape.stream_reader(ep, strip_usage),
-                                     count_output=budget is not None)  # fmt: skip
-    cut: str | None = None
-    refusal = None
-    client_gone = False
-    try:
-        async for chunk in response:
-            data = meter.feed(decode.decode(chunk) if decode is not None else chunk)
-            if data:
-                await out.write(data)
-            if meter.final_seen:
-                break
-            if (
-                budget is not None
-                and budget.note(meter.take_fresh())
-                and (refusal := await budget.after())
-            ):
-                break
-        if refusal is not None:
-            # What came in while the budget was asked was generated, so it is billed: it
-            # is metered and passed on before the hang-up (left unread, the row missed it
-            # and the budget counted less than the provider bills).
-            chunk = response.read_nowait()
-            data = meter.feed(decode.decode(chunk) if decode is not None else chunk)
-            if data:
-                await out.write(data)
-            if meter.final_seen:  # the stream ended meanwhile: nothing was cut
-                refusal = None
-        if meter.final_seen and not response.at_eof():
-            cut = await _after_final(meter, response, decode)
-    except TimeoutError:
-        cut = f"upstream stream idle for more than {config.timeouts.stream_idle:g}s"
-    except ConnectionResetError:
-        client_gone = True
-    except DecodeError as e:
-        cut = f"upstream stream is {e}"
-    except Exception as e:
-        if call.upstream_fault(e) is None:
-            raise
-        cut = f"upstream stream cut: {type(e).__name__}"
-    if refusal is not None:
-        response.close()  # the provider stops generating (and billing) when we hang up
-    call.timings.done = time.perf_counter()
-    if budget is not None:
-        await budget.settled()
-    rec.status = response.status
-    rec.model_served = meter.model
-    call.reprice(meter.model)
-    facts = meter.facts
-    facts.response_id = facts.response_id or getattr(meter.reader, "response_id", None)
-    if not 200 <= response.status < 300:
-        rec.error = "upstream stream answered an error"
-        call.price_usage(None)
-    elif facts.usage is None:
-        rec.error = facts.usage_error
-        await call.absorb(facts)
-        call.price_usage(await call.estimate(meter.generated_texts(), meter.overflow_chars))
-    elif await call.absorb(facts):
-        call.price_usage(facts.usage)
-    if facts.usage is not None and ep.name == "responses/retrieve":
-        await call.observed(facts)
-    if refusal is not None:
-        rec.error = f"stream cut by the budget: {refusal.message}"
-    elif client_gone:
-        rec.error = "client disconnected mid-stream"
-    elif cut:
-        rec.error = cut
-    await call.commit()
-    if refusal is not None:
-        message = (f"meterproxy: {refusal.message}. The stream was cut here: what it generated"
-                   " up to this point is billed")  # fmt: skip
-        with contextlib.suppress(ConnectionResetError):
-            await out.write_eof(shape.cut_event(ep, BUDGET_ERROR, refusal.code, message))
-        return out
-    if client_gone or (cut and not meter.final_seen):
-        # Mirror the cut: close without the final event, so the client sees a broken
-        # stream, not one that ended cleanly.
-        if call.request.transport is not None:
-            call.request.transport.close()
-        return out
-    # The held final event and the end, in one write. The row is committed: a client
-    # that leaves during this last write loses nothing of ours.
-    with contextlib.suppress(ConnectionResetError):
-        await out.write_eof(meter.finish())
-    return out
-
-
-async def _prepared(
+async def prepared(
     call: Call, status: int, headers: CIMultiDict[str], length: int | None = None
-) -> web.StreamResponse:
+) -> tuple[web.StreamResponse, AbstractStreamWriter]:
     """A response that goes out as the upstream's comes in: its head sent now."""
     out = web.StreamResponse(status=status, headers=headers)
     out.headers["x-meter-request-id"] = call.record.id
@@ -256,28 +146,9 @@ async def _prepared(
         out.content_length = length
     allow_reading(call.request, out)
     call.response = out
-    await out.prepare(call.request)
-    return out
-
-
-async def _after_final(
-    meter: StreamMeter, response: Response, decode: Decoder | None
-) -> str | None:
-    """The upstream's end after the final event, normally there already. What follows the
-    final event is kept up to a bound; more, or no end in time, and the upstream
-    connection is dropped (nothing after the final event matters to a client)."""
-    try:
-        async with asyncio.timeout(AFTER_FINAL_SECONDS):
-            while not meter.overflow:
-                chunk = await response.readany()
-                if not chunk:
-                    return None
-                meter.feed(decode.decode(chunk) if decode is not None else chunk)
-    except TimeoutError:
-        response.close()
-        return None
-    response.close()
-    return f"upstream sent more than {AFTER_FINAL_BYTES} bytes after the final event; cut"
+    writer = await out.prepare(call.request)
+    assert writer is not None  # None only for a response prepared twice
+    return out, writer
 
 
 # -- bytes through -------------------------------------------------------------------------
@@ -294,7 +165,7 @@ async def raw(
         call.price_usage(None)
         if call.unpriced and 200 <= response.status < 300:
             rec.cost_pico = None  # it bills; what, the proxy cannot know
-    out = await _prepared(
+    out, _ = await prepared(
         call, response.status, response_headers(response.headers), response.content_length
     )
     pending = first

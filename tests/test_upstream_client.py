@@ -466,3 +466,47 @@ def test_urls_split_into_where_and_what() -> None:
     assert split_url("http://user:pw@10.0.0.1/v1")[0].host_header == "10.0.0.1"
     with pytest.raises(UpstreamError, match="not an http"):
         split_url("ftp://example.com/v1")
+
+
+async def test_pump_hands_pieces_to_a_sink_until_it_stops(client: UpstreamClient) -> None:
+    up = Upstream(lambda r, w: asyncio.sleep(0))
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            request = await up.read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n")
+            for _ in range(4 if b"/whole" in request else 2):
+                w.write(b"x" * 100)
+                await w.drain()
+                await asyncio.sleep(0.02)
+            if b"/cut" in request:
+                return
+
+    up.script = script
+    async with up:
+        r = await client.request("POST", up.url + "/whole", {}, b"", T)
+        seen: list[int] = []
+
+        def first_two(piece: bytes) -> bool:
+            seen.append(len(piece))
+            return sum(seen) < 200
+
+        await r.pump(first_two)  # returns once the sink says stop, the rest left unread
+        assert sum(seen) == 200
+        rest = await r.read()
+        assert len(rest) == 200 and r.at_eof()
+        await r.pump(first_two)  # the body has ended: nothing more, no wait
+
+        def broken(piece: bytes) -> bool:
+            raise ValueError("a bug in the sink")
+
+        r = await client.request("POST", up.url + "/whole", {}, b"", T)
+        with pytest.raises(ValueError, match="a bug in the sink"):
+            await r.pump(broken)
+        r.release()
+
+        r = await client.request("POST", up.url + "/cut", {}, b"", T)
+        got: list[bytes] = []
+        with pytest.raises(UpstreamError, match="closed the connection mid-body"):
+            await r.pump(lambda piece: got.append(piece) is None)
+        assert sum(map(len, got)) == 200  # what came before the cut was handed on

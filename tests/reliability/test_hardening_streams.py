@@ -3,6 +3,7 @@ without bound, lose a final event's usage, or meter compressed bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import time
@@ -34,6 +35,37 @@ async def test_bytes_after_the_final_event_are_cut_not_buffered(proxy: Proxy, fa
     assert (row["usage_source"], row["input_tokens"], row["output_tokens"]) == ("provider", 12, 5)
     assert row["cost_pico"] == 80_000_000  # gpt-4o: 12 x $2.50/1M + 5 x $10/1M
     assert row["error"].startswith("upstream sent more than 65536 bytes after the final event")
+
+
+async def test_a_client_that_stops_reading_stops_the_upstream(proxy: Proxy, fake: Any) -> None:
+    """A 64 MB stream whose client takes 1 MB and then reads nothing for a second: the proxy
+    stops reading the upstream too, so what the upstream got to send is bounded by the
+    sockets' buffers, not by the stream. Then every byte arrives, in order, and the row
+    has the provider's usage."""
+    upstream, _ = fake
+    piece = "x" * (64 * 1024)
+    upstream.script.update(chunks=1024, chunk_text=piece, completion_tokens=1024)
+    async with aiohttp.ClientSession(read_bufsize=2**16) as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json={
+            "model": "gpt-4o", "messages": HI, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:  # fmt: skip
+            received = len(await r.content.readexactly(1 << 20))
+            await asyncio.sleep(1.0)
+            sent_while_stalled = upstream.chunks_sent
+            while chunk := await r.content.read(1 << 20):
+                received += len(chunk)
+                if chunk.endswith(b"data: [DONE]\n\n"):
+                    tail = chunk
+    assert sent_while_stalled < 512, sent_while_stalled  # at most half of the 1,024 pieces
+    assert upstream.chunks_sent == 1024 + 2  # the pieces, the usage chunk and [DONE]
+    events = 1024 * len(
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,'
+        b'"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"'
+        b'"},"finish_reason":null}],"usage":null}\n\n'
+    ) + 1024 * len(piece)
+    assert received > events and tail.endswith(b"data: [DONE]\n\n")
+    (row,) = await proxy.rows()
+    assert (row["usage_source"], row["output_tokens"], row["error"]) == ("provider", 1024, None)
 
 
 async def test_a_final_event_then_silence_is_delivered(proxy: Proxy, fake: Any) -> None:
