@@ -60,7 +60,7 @@ def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -
     warm = work / f"{name}-warm.json"
     subprocess.run(client_argv(proc.port, 50, 1, 1, warm), check=True)
     idle = proc.rss_mb()
-    cpu0 = proc.cpu_seconds()
+    user0, sys0 = proc.cpu_times()
     out = work / f"{name}.json"
     c = subprocess.Popen(
         client_argv(proc.port, args.streams, args.seconds, args.ramp, out, args.chunk_ms)
@@ -70,9 +70,10 @@ def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -
         time.sleep(0.5)
         peak = max(peak, proc.rss_mb())
     data: dict = json.loads(out.read_text())
-    cpu = proc.cpu_seconds() - cpu0
+    user, system = (t - t0 for t, t0 in zip(proc.cpu_times(), (user0, sys0), strict=True))
     data["rss_per_stream_kb"] = (peak - idle) * 1024 / args.streams
-    data["cpu_us_per_chunk"] = cpu / max(data["chunks"], 1) * 1e6
+    data["cpu_us_per_chunk"] = (user + system) / max(data["chunks"], 1) * 1e6
+    data["system_share"] = system / max(user + system, 1e-9)
     data["idle_mb"], data["peak_mb"] = idle, peak
     return data
 
@@ -183,14 +184,16 @@ def main() -> None:
         )
         print(
             f"{'target':<11}{'ok':>7}{'failed':>8}{'chunks':>10}{'delay p50':>11}"
-            f"{'p99 ms':>8}{'KB/stream':>11}{'CPU us/chunk':>14}{'RSS MB idle/peak':>19}"
+            f"{'p99 ms':>8}{'KB/stream':>11}{'CPU us/chunk':>14}{'kernel':>8}"
+            f"{'RSS MB idle/peak':>19}"
         )
         for name in ("floor", "meterproxy"):
             r = run_target(name, procs[name], args, work)
             print(
                 f"{name:<11}{r['ok']:>7.0f}{r['failed']:>8.0f}{r['chunks']:>10.0f}"
                 f"{r['p50']:>11.2f}{r['p99']:>8.2f}{r['rss_per_stream_kb']:>11.1f}"
-                f"{r['cpu_us_per_chunk']:>14.1f}{r['idle_mb']:>10.0f}/{r['peak_mb']:.0f}",
+                f"{r['cpu_us_per_chunk']:>14.1f}{r['system_share']:>8.0%}"
+                f"{r['idle_mb']:>10.0f}/{r['peak_mb']:.0f}",
                 flush=True,
             )
             if r["reasons"]:
