@@ -147,17 +147,20 @@ class Response:
     # -- fed by the connection -------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._size += len(data)
+
+    def _arrived(self) -> None:
+        """The end of one read (the parser may have cut it into many pieces): the sink
+        gets it in one piece, or whoever waits is woken once."""
         sink = self._sink
         if sink is not None:
             try:
-                if sink(data):
+                if sink(self.read_nowait()):
                     return
             except Exception as e:  # raised by pump(), not into the connection's parser
                 self._error = e
             self._sink = None
-        else:
-            self._buffer.append(data)
-            self._size += len(data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -218,6 +221,13 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._fail(UpstreamError(f"the upstream's answer is not valid HTTP/1.1: {e}"))
             return
+        response = self.response
+        if response is not None and response._buffer:
+            response._arrived()
+            if response._size > _HIGH_WATER and not self.reading_paused:
+                self.reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
         if self._complete:
             self._done()
 
@@ -289,13 +299,8 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         response = self.response
-        if response is None or self._complete:
-            return
-        response._feed(body)
-        if response._size > _HIGH_WATER and not self.reading_paused:
-            self.reading_paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+        if response is not None and not self._complete:
+            response._feed(body)
 
     def on_message_complete(self) -> None:
         if self._informational:

@@ -510,3 +510,28 @@ async def test_pump_hands_pieces_to_a_sink_until_it_stops(client: UpstreamClient
         with pytest.raises(UpstreamError, match="closed the connection mid-body"):
             await r.pump(lambda piece: got.append(piece) is None)
         assert sum(map(len, got)) == 200  # what came before the cut was handed on
+
+
+async def test_what_one_read_brings_reaches_the_sink_in_one_piece(client: UpstreamClient) -> None:
+    """Five HTTP chunks in one TCP write are five parser callbacks: the sink gets them as
+    one piece (one write to the client, not five), and later reads as they come."""
+    up = Upstream(lambda r, w: asyncio.sleep(0))
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await up.read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)  # the sink is in place before the events come
+        events = [b"data: %d\n\n" % i for i in range(5)]
+        w.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events))
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"9\r\ndata: 5\n\n\r\n0\r\n\r\n")
+        await w.drain()
+
+    up.script = script
+    async with up:
+        r = await client.request("POST", up.url, {}, b"", T)
+        pieces: list[bytes] = []
+        await r.pump(lambda piece: pieces.append(piece) is None)
+    assert pieces == [b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\n", b"data: 5\n\n"]
