@@ -61,6 +61,9 @@ def _events(blob: bytes) -> list[bytes]:
 
 def _last_boundary(buf: bytes, limit: int) -> int:
     """The end of the last complete event in buf[:limit] (0: none)."""
+    if b"\r" not in buf:  # the usual stream: one separator to look for, not three
+        p = buf.rfind(b"\n\n", 0, limit)
+        return p + 2 if p >= 0 else 0
     return max(
         (p + len(sep) for sep in _SEPARATORS if (p := buf.rfind(sep, 0, limit)) >= 0), default=0
     )
@@ -73,6 +76,8 @@ def _first_boundary(buf: bytes, start: int) -> int:
 
 
 def _json(payload: bytes) -> Any:
+    if payload == b"[DONE]":  # not JSON: the error orjson raises costs more than the parse
+        return None
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
