@@ -81,6 +81,7 @@ class FakeUpstream:
     served: int = 0  # responses completed
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     chunks_sent: int = 0
+    responses_made: int = 0  # Responses API objects answered (each gets its own id)
     cancelled: int = 0  # requests whose client (the proxy) went away before the end
     after_final_sent: int = 0  # bytes written after a stream's final event
     caps: list[int | None] = field(default_factory=list)  # the output cap of each request
@@ -247,8 +248,9 @@ class FakeUpstream:
         return out
 
     def _response_obj(self, req: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+        self.responses_made += 1  # each its own id, as OpenAI's: chains are keyed by it
         out = {
-            "id": "resp_fake",
+            "id": f"resp_fake{self.responses_made}",
             "object": "response",
             "created_at": 1,
             "status": "completed",
@@ -352,14 +354,14 @@ class FakeUpstream:
 
     def _responses_events(self, req: dict[str, Any], s: dict[str, Any]) -> list[bytes]:
         model = s["model"] or req.get("model")
+        final = self._response_obj(req, s)
         events: list[dict[str, Any]] = [
-            {"type": "response.created", "response": {"id": "resp_1", "object": "response",
+            {"type": "response.created", "response": {"id": final["id"], "object": "response",
                                                       "model": model, "usage": None}},
         ]  # fmt: skip
         for i in range(s["chunks"]):
             text = s["chunk_text"] if s["chunk_text"] is not None else f"tok{i} "
             events.append({"type": "response.output_text.delta", "delta": text})
-        final = self._response_obj(req, s)
         events.append({"type": "response.completed", "response": final})
         return [
             f"event: {e['type']}\ndata: {json.dumps(e, separators=(',', ':'))}\n\n".encode()
