@@ -29,8 +29,8 @@ from proxy.config import Upstream
 from proxy.counters import Ticket
 from proxy.enforcer import Refusal
 from proxy.errors import BUDGET_ERROR, UNAVAILABLE_ERROR, ProxyFault
-from proxy.exchange import Exchange
 from proxy.faults import Stage, classify
+from proxy.http1 import Response
 from proxy.outcomes import HEADER as OUTCOME_HEADER
 from proxy.outcomes import OUTCOMES, parse_outcome
 from proxy.paths import raw_tail
@@ -97,7 +97,7 @@ class Call:
         self.maybe_billed = False  # forwarded, then no answer: tokens unknown, not zero
         self.client_gone = False  # the client left; the upstream's answer is still metered
         self.response: web.StreamResponse | None = None
-        self.exchange_task: asyncio.Task[Exchange | None] | None = None
+        self.awaited: Response | None = None  # the upstream's answer, finished if we leave
         self._credentials: dict[str, str] = {}
 
     @property

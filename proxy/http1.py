@@ -36,14 +36,19 @@ class Pool(Protocol):
 
 
 class Response:
-    """An upstream's answer: status and headers now, the body as it arrives."""
+    """An upstream's answer to a request that went out: its head (`head()`), then its
+    body as it arrives. What arrives is taken in by the connection's callbacks whatever
+    happens to the task that waits for it: a caller cancelled while it waits can leave
+    the answer to another to finish."""
 
     __slots__ = (
-        "_buffer", "_conn", "_eof", "_error", "_sink", "_size", "_waiter", "headers", "status",
+        "_buffer", "_conn", "_eof", "_error", "_headed", "_sink", "_size", "_waiter",
+        "headers", "status",
     )  # fmt: skip
 
     def __init__(self, conn: Connection) -> None:
         self._conn: Connection | None = conn
+        self._headed = False
         self.status = 0
         self.headers: CIMultiDictProxy[str] = _NO_HEADERS
         self._buffer: deque[bytes] = deque()
@@ -57,6 +62,17 @@ class Response:
     def content_length(self) -> int | None:
         value = self.headers.get("Content-Length")
         return int(value) if value is not None and value.isdigit() else None
+
+    async def head(self) -> None:
+        """Until the status and headers are in; raises what failed before them."""
+        while not self._headed:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     # -- the body, as it comes -------------------------------------------------------
 
@@ -192,7 +208,6 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reading_paused = False
         self.response: Response | None = None
-        self.head: asyncio.Future[Response] | None = None
         self.head_only = False  # HEAD: the answer ends with its head
         self.sending: asyncio.Task[None] | None = None  # a body still being sent
         self._headers: list[tuple[str, str]] = []
@@ -220,6 +235,7 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(UpstreamError(f"the upstream's answer is not valid HTTP/1.1: {e}"))
+            self.abort()
             return
         response = self.response
         if response is not None and response._buffer:
@@ -241,11 +257,11 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self.response is not None:
-            if exc is None and self._until_close and self.head is not None and self.head.done():
+            started = self.response._headed
+            if exc is None and self._until_close and started:
                 self._complete = True
                 self._done()
             else:
-                started = self.head is not None and self.head.done()
                 why = (
                     "the upstream closed the connection mid-body"
                     if started
@@ -279,8 +295,8 @@ class Connection(asyncio.Protocol):
             self._informational = True
             self._headers = []
             return
-        response, head = self.response, self.head
-        assert response is not None and head is not None
+        response = self.response
+        assert response is not None
         response.status = status
         headers = CIMultiDict(self._headers)
         response.headers = CIMultiDictProxy(headers)
@@ -291,8 +307,8 @@ class Connection(asyncio.Protocol):
             and "Transfer-Encoding" not in headers
             and status not in (204, 304)
         )
-        if not head.done():
-            head.set_result(response)
+        response._headed = True
+        response._arrived()
         if self.head_only:
             self._complete = True
             self._until_close = False
@@ -311,11 +327,11 @@ class Connection(asyncio.Protocol):
     # -- a request --------------------------------------------------------------------
 
     def start(self, head: bytes, body: bytes | AsyncIterable[bytes] | None, method: str,
-              read_timeout: float | None) -> asyncio.Future[Response]:  # fmt: skip
+              read_timeout: float | None) -> Response:  # fmt: skip
+        """Write the request; its answer comes to the Response returned."""
         assert self.transport is not None
         response = Response(self)
         self.response = response
-        self.head = self.loop.create_future()
         self.head_only = method == "HEAD"
         self._complete = self._until_close = self._informational = False
         self._read_timeout = read_timeout
@@ -327,7 +343,7 @@ class Connection(asyncio.Protocol):
         else:
             self.transport.write(head)
             self.sending = self.loop.create_task(self._send_chunked(body))
-        return self.head
+        return response
 
     async def _send_chunked(self, body: AsyncIterable[bytes]) -> None:
         transport = self.transport
@@ -379,7 +395,7 @@ class Connection(asyncio.Protocol):
 
     def _done(self) -> None:
         """The answer is complete: the response has it all, the connection is free."""
-        response, self.response, self.head = self.response, None, None
+        response, self.response = self.response, None
         self._complete = False
         if self._timer is not None:
             self._timer.cancel()
@@ -405,11 +421,7 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def _fail(self, error: BaseException) -> None:
-        response, head = self.response, self.head
-        self.response = self.head = None
-        if head is not None and not head.done():
-            head.set_exception(error)
-            head.exception()  # retrieved here: the caller may be gone already
+        response, self.response = self.response, None
         if response is not None:
             response._end(error)
 

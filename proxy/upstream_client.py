@@ -105,15 +105,28 @@ class UpstreamClient:
     ) -> Response:
         """Send the request; return once the answer's head is in. The caller reads the
         body, then calls `release()` (which closes a connection not read to its end)."""
+        response = await self.send(method, url, headers, body, timeouts)
+        try:
+            await response.head()
+        except BaseException:
+            response.release()
+            raise
+        return response
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+        timeouts: Timeout,
+    ) -> Response:
+        """Send the request: its answer comes to the Response returned (`head()` waits
+        for it). Cancelled before it returns, nothing was sent."""
         origin, target = split_url(url)
         head = request_head(method, target, origin.host_header, headers, body)
         conn = await self._acquire(origin, timeouts.connect)
-        answered = conn.start(head, body, method, timeouts.read)
-        try:
-            return await answered
-        except BaseException:
-            conn.abort()
-            raise
+        return conn.start(head, body, method, timeouts.read)
 
     async def close(self) -> None:
         if self._sweep is not None:
