@@ -3,17 +3,21 @@
 Labels are agent and model (intent is unbounded and is never a label). Both are capped:
 past `MAX_LABEL_VALUES` distinct values, new ones are counted under `other`, so a client
 inventing agent names cannot blow up the scrape. Gauges of budgets and reservations are
-read from the enforcer at scrape time, not kept up to date per call.
+read from the enforcer at scrape time, not kept up to date per call. What every call
+counts is kept as plain numbers on the event loop's thread (`_CallCounts`) and turned
+into metric families at scrape time: prometheus_client's counters take a lock per
+increment, ten of them a call. Spend is summed in exact pico-USD.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy.budget_views import cost_limits, left_of, runway_of
@@ -102,6 +106,82 @@ class _State(Collector):
         yield from self.extra()
 
 
+class _Histogram:
+    """One histogram's bucket counts, as plain numbers."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # a bucket holds value <= bound
+        self.sum += value
+        self.count += 1
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative = list(accumulate(self.counts))
+        buckets = [(repr(float(b)), n) for b, n in zip(self.bounds, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
+class _CallCounts(Collector):
+    """What each call adds, on the event loop's thread (no locks), exported at scrape."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.cost_pico: dict[tuple[str, str], int] = {}
+        self.tokens: dict[tuple[str, str], list[int]] = {}
+        self.refusals: dict[tuple[str, str], int] = {}
+        self.shadow: dict[tuple[str, str], int] = {}
+        self.overhead = _Histogram(
+            (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+        )
+        self.upstream = _Histogram(
+            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+        )
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily("meterproxy_requests", "Calls answered, by HTTP status",
+                                       labels=["agent", "model", "status"])  # fmt: skip
+        for (agent, model, status), n in self.requests.items():
+            requests.add_metric([agent, model, str(status)], n)
+        yield requests
+        cost = CounterMetricFamily("meterproxy_cost_usd", "Spend recorded, USD",
+                                   labels=["agent", "model"])  # fmt: skip
+        for labels, pico in self.cost_pico.items():
+            cost.add_metric(list(labels), pico / PICO)
+        yield cost
+        tokens = CounterMetricFamily("meterproxy_tokens", "Tokens recorded, by kind",
+                                     labels=["agent", "model", "kind"])  # fmt: skip
+        for (agent, model), counts in self.tokens.items():
+            for kind, n in zip(TOKEN_KINDS, counts, strict=True):
+                if n:
+                    tokens.add_metric([agent, model, kind], n)
+        yield tokens
+        for name, documentation, by_limit in (
+            ("meterproxy_budget_refusals", "Calls refused, by limit", self.refusals),
+            ("meterproxy_budget_shadow_refusals", "Calls a dry-run (shadow) limit would have"
+             " refused; they went through", self.shadow),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, documentation, labels=["agent", "limit"])
+            for labels, n in by_limit.items():
+                family.add_metric(list(labels), n)
+            yield family
+        yield self.overhead.family(
+            "meterproxy_overhead_seconds",
+            "Time a call spent in the proxy itself (total minus waiting on the upstream)",
+        )
+        yield self.upstream.family(
+            "meterproxy_upstream_latency_seconds",
+            "Time from forwarding a call to the upstream's last byte",
+        )
+
+
 class Metrics:
     def __init__(
         self,
@@ -111,86 +191,45 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.cost = Counter("meterproxy_cost_usd", "Spend recorded, USD", ["agent", "model"],
-                            registry=r)  # fmt: skip
-        self.tokens = Counter("meterproxy_tokens", "Tokens recorded, by kind",
-                              ["agent", "model", "kind"], registry=r)  # fmt: skip
-        self.requests = Counter("meterproxy_requests", "Calls answered, by HTTP status",
-                                ["agent", "model", "status"], registry=r)  # fmt: skip
-        self.refusals = Counter("meterproxy_budget_refusals", "Calls refused, by limit",
-                                ["agent", "limit"], registry=r)  # fmt: skip
-        self.shadow = Counter("meterproxy_budget_shadow_refusals",
-                              "Calls a dry-run (shadow) limit would have refused; they went"
-                              " through", ["agent", "limit"], registry=r)  # fmt: skip
         self.heartbeats = Counter("meterproxy_heartbeats", "Heartbeats, by what became of them",
                                   ["result"], registry=r)  # fmt: skip
-        self.overhead = Histogram(
-            "meterproxy_overhead_seconds",
-            "Time a call spent in the proxy itself (total minus waiting on the upstream)",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
-            registry=r,
-        )
-        self.upstream = Histogram(
-            "meterproxy_upstream_latency_seconds",
-            "Time from forwarding a call to the upstream's last byte",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-            registry=r,
-        )
+        self.calls = _CallCounts()
+        r.register(self.calls)
         r.register(_State(enforcer, now, extra))
         self._agent = _Capped()
         self._model = _Capped()
-        # Labelled children, looked up once: labels() costs a lock and a tuple per call.
-        self._by_key: dict[tuple[str, str], tuple[Any, tuple[Any, ...]]] = {}
-        self._requests: dict[tuple[str, str, int], Any] = {}
-
-    def _children(self, agent: str, model: str) -> tuple[Any, tuple[Any, ...]]:
-        """The labelled cost and token counters of one agent and model, looked up once."""
-        key = (agent, model)
-        found = self._by_key.get(key)
-        if found is None:
-            found = (
-                self.cost.labels(agent, model),
-                tuple(self.tokens.labels(agent, model, kind) for kind in TOKEN_KINDS),
-            )
-            self._by_key[key] = found
-        return found
 
     def call_ended(
         self, record: CallRecord, upstream_seconds: float | None, forwarded: bool = False,
         trace: object = None,
     ) -> None:  # fmt: skip
+        calls = self.calls
         agent = self._agent(record.agent)
         model = self._model(record.model_priced or record.model_requested or "-")
         key = (agent, model, record.status)
-        requests = self._requests.get(key)
-        if requests is None:
-            requests = self._requests[key] = self.requests.labels(agent, model, str(record.status))
-        requests.inc()
+        calls.requests[key] = calls.requests.get(key, 0) + 1
         if record.refused:
             limit = (record.error or "").split(":", 1)[0] or "unknown"
-            self.refusals.labels(agent, limit).inc()
+            refused = (agent, limit)
+            calls.refusals[refused] = calls.refusals.get(refused, 0) + 1
             return
         if record.shadow_limit is not None:
-            self.shadow.labels(agent, record.shadow_limit).inc()
-        cost, tokens = self._children(agent, model)
+            shadow = (agent, record.shadow_limit)
+            calls.shadow[shadow] = calls.shadow.get(shadow, 0) + 1
+        pair = (agent, model)
         if record.cost_pico:
-            cost.inc(record.cost_pico / PICO)
-        for counter, value in zip(
-            tokens,
-            (
-                record.input_tokens,
-                record.cached_input_tokens,
-                record.output_tokens,
-                record.reasoning_tokens,
-                record.cache_write_tokens,
-            ),
-            strict=True,
-        ):
-            if value:
-                counter.inc(value)
+            calls.cost_pico[pair] = calls.cost_pico.get(pair, 0) + record.cost_pico
+        counts = calls.tokens.get(pair)
+        if counts is None:
+            counts = calls.tokens[pair] = [0] * len(TOKEN_KINDS)
+        counts[0] += record.input_tokens
+        counts[1] += record.cached_input_tokens
+        counts[2] += record.output_tokens
+        counts[3] += record.reasoning_tokens
+        counts[4] += record.cache_write_tokens
         if upstream_seconds is not None:
-            self.upstream.observe(upstream_seconds)
-            self.overhead.observe(max(record.latency_ms / 1000 - upstream_seconds, 0.0))
+            calls.upstream.observe(upstream_seconds)
+            calls.overhead.observe(max(record.latency_ms / 1000 - upstream_seconds, 0.0))
 
     def heartbeat(self, result: str) -> None:
         """`recorded`, or the error code a heartbeat was refused with (a closed set)."""

@@ -5,10 +5,18 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from proxy.config_file import parse_config
+from proxy.enforcer import Enforcer
+from proxy.events import EventBus
+from proxy.metrics import Metrics, _Histogram
+from proxy.policy import PolicySet
+from proxy.windows import Calendar
 from tests.conftest import Proxy, ProxyFactory
+from tests.records import call_record
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -146,3 +154,35 @@ async def test_the_grafana_dashboard_uses_only_metrics_we_export(proxy: Proxy) -
     used = {m for e in exprs for m in re.findall(r"\b(meterproxy_[a-z_]+)", e)}
     assert len(exprs) >= 10 and used
     assert used - names == set()
+
+
+def test_a_histogram_kept_as_plain_numbers_is_exposed_as_prometheus_client_exposes_it() -> None:
+    bounds = (0.0001, 0.00025, 0.5, 1, 2.5, 300)
+    reference, ours = CollectorRegistry(), CollectorRegistry()
+    theirs = Histogram("h", "d", buckets=bounds, registry=reference)
+    mine = _Histogram(bounds)
+    for value in (0.0001, 0.0002, 0.7, 1, 3, 1000, 0.00005, 0.0):  # on, between, past bounds
+        theirs.observe(value)
+        mine.observe(value)
+
+    class One(Collector):
+        def collect(self) -> Any:
+            yield mine.family("h", "d")
+
+    ours.register(One())
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if line.startswith(("h_bucket", "h_count", "h_sum"))]  # fmt: skip
+
+    assert samples(ours) == samples(reference)
+    assert 'h_bucket{le="1.0"} 6.0' in samples(ours)  # 1 counts in le=1
+
+
+def test_spend_is_summed_in_pico_usd_and_turned_into_usd_once() -> None:
+    enforcer = Enforcer(Calendar("UTC"), PolicySet(), EventBus(), None)
+    metrics = Metrics(lambda: enforcer, lambda: 0.0)
+    for i in range(3):  # $0.10 each: as floats, 0.1 + 0.1 + 0.1 is 0.30000000000000004
+        metrics.call_ended(call_record(f"req_{i}", 0.0, cost_pico=10**11), 0.5)
+    [cost] = [f for f in metrics.calls.collect() if f.name == "meterproxy_cost_usd"]
+    assert [(s.labels, s.value) for s in cost.samples] == [({"agent": "a", "model": "gpt-4o"}, 0.3)]
