@@ -422,15 +422,20 @@ class Check:
         return self.used + self.reserved + min(self.floor, self.amount) > self.limit_value
 
 
-def checks(adm: Admission, outcome: Outcome) -> list[Check]:
+def checks(adm: Admission, outcome: Outcome, breached_only: bool = False) -> list[Check]:
+    """A Check per limit; `breached_only`: only those the call breaches (the rest cannot
+    refuse, alert or be a dry-run refusal, and most calls breach none)."""
     out = []
     for lim in adm.limits:
         if lim.new_only and not outcome.new_intent:
             continue
         used, reserved = outcome.before.get(lim.key, (0, 0))
+        amount = adm.amount if lim.money else 1
+        if breached_only and used + reserved + amount <= lim.value:
+            continue
         out.append(Check(lim.scope, lim.subject, lim.name, lim.money, lim.value, used, reserved,
-                         adm.amount if lim.money else 1, lim.action, lim.resets_at,
-                         offset=lim.offset, floor=adm.floor if lim.money else None))  # fmt: skip
+                         amount, lim.action, lim.resets_at, offset=lim.offset,
+                         floor=adm.floor if lim.money else None))  # fmt: skip
     if adm.loop is not None and (guard := adm.loop.policy.loop_guard) is not None:
         out.append(Check("agent", adm.agent, LOOP_CODE, False, guard.max_identical_requests,
                          outcome.loop_seen, 0, 1, adm.loop.policy.action,
@@ -463,7 +468,7 @@ def decide(adm: Admission, outcome: Outcome, extra: Sequence[Check] = ()) -> Dec
     """What the store's answer means. `extra` are checks no store enforces (they only
     read counters): a refusing breach among them refuses a call the store admitted, and
     the caller must release its reservation."""
-    return decide_breached(breaches([*checks(adm, outcome), *extra]), outcome)
+    return decide_breached(breaches([*checks(adm, outcome, breached_only=True), *extra]), outcome)
 
 
 def decide_breached(breached: Sequence[Check], outcome: Outcome) -> Decision:
