@@ -218,6 +218,7 @@ class Connection(asyncio.Protocol):
         self._read_timeout: float | None = None
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when it fires
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
 
@@ -337,7 +338,7 @@ class Connection(asyncio.Protocol):
         self._read_timeout = read_timeout
         self._last_read = self.loop.time()
         if read_timeout is not None:
-            self._timer = self.loop.call_at(self._last_read + read_timeout, self._check_silence)
+            self._arm(self._last_read + read_timeout)
         if body is None or isinstance(body, bytes):
             self.transport.writelines((head, body) if body else (head,))
         else:
@@ -375,20 +376,30 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
             self._last_read = self.loop.time()  # silence while paused was ours
-            if self._timer is None and self._read_timeout is not None and self.response is not None:
-                self._timer = self.loop.call_at(self._last_read + self._read_timeout,
-                                                self._check_silence)  # fmt: skip
+            if self._read_timeout is not None and self.response is not None:
+                self._arm(self._last_read + self._read_timeout)
+
+    def _arm(self, deadline: float) -> None:
+        """The silence timer, to fire by `deadline`. One timer per connection, moved on
+        only when it fires: a read costs a clock read, and a request on a connection whose
+        timer is armed costs nothing (aiohttp arms one per read; arming and cancelling a
+        timer is 3.4 us)."""
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= deadline:
+                return  # it fires first, and moves itself on
+            timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._check_silence)
 
     def _check_silence(self) -> None:
-        """One timer per connection, moved on only when it fires: a read costs a clock
-        read, not a timer (aiohttp rearms one per read)."""
         self._timer = None
         timeout = self._read_timeout
         if self.response is None or self.reading_paused or timeout is None:
-            return
+            return  # nothing awaited (left armed after the last answer), or ours to wait
         deadline = self._last_read + timeout
         if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._check_silence)
+            self._arm(deadline)
             return
         self._fail(ReadTimeout(f"the upstream was silent for more than {timeout:g}s"))
         self.abort()
@@ -396,10 +407,7 @@ class Connection(asyncio.Protocol):
     def _done(self) -> None:
         """The answer is complete: the response has it all, the connection is free."""
         response, self.response = self.response, None
-        self._complete = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._complete = False  # the timer stays: the next request on this connection uses it
         reusable = (
             not self.closed
             and self.sending is None
@@ -431,6 +439,9 @@ class Connection(asyncio.Protocol):
             self.sending.cancel()
         if self.response is not None:
             self._fail(UpstreamError("the answer was abandoned"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self.closed:
             self.closed = True
             if self.transport is not None:

@@ -535,3 +535,28 @@ async def test_what_one_read_brings_reaches_the_sink_in_one_piece(client: Upstre
         pieces: list[bytes] = []
         await r.pump(lambda piece: pieces.append(piece) is None)
     assert pieces == [b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\n", b"data: 5\n\n"]
+
+
+async def test_a_short_read_timeout_holds_on_a_connection_last_used_with_a_long_one(
+    client: UpstreamClient,
+) -> None:
+    """The silence timer stays armed between requests on a connection: a request with a
+    shorter timeout than the last one's moves it earlier."""
+    up = Upstream(lambda r, w: asyncio.sleep(0))
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            request = await up.read_request(r)
+            if b"/silent" in request:
+                await asyncio.sleep(3)
+            w.write(answer(b"ok"))
+            await w.drain()
+
+    up.script = script
+    async with up:
+        assert await call(client, up.url, t=Timeout(2, 30)) == (200, b"ok")
+        started = time.monotonic()
+        with pytest.raises(ReadTimeout, match=r"silent for more than 0\.3s"):
+            await call(client, up.url, path="/silent", t=Timeout(2, 0.3))
+        assert 0.25 < time.monotonic() - started < 1.0
+    assert up.connections == 1  # the same connection, whose timer was armed for 30 s
