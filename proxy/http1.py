@@ -68,11 +68,15 @@ class Response:
         while not self._headed:
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
+
+    async def _wait(self) -> None:
+        """Until the connection hands over something: the head, bytes, the end, an error."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     # -- the body, as it comes -------------------------------------------------------
 
@@ -98,11 +102,7 @@ class Response:
         while not self._buffer and not self._eof:
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
         return self.read_nowait()
 
     def __aiter__(self) -> Response:
@@ -138,11 +138,10 @@ class Response:
             return
         self._raise_if_cut()
         self._sink = sink
-        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await self._waiter
+            await self._wait()
         finally:
-            self._waiter = self._sink = None
+            self._sink = None
         self._raise_if_cut()
 
     def _raise_if_cut(self) -> None:
