@@ -192,6 +192,8 @@ def _services_ctx(
             session=make_session(),
             keys=KeyRing(config.keys),
         )
+        if any(u.base_url.startswith("https:") for u in config.upstreams):
+            await svc.upstreams.tls()  # read now, not on the loop of the first call
         svc.history = OutputHistory(storage)
         svc.chains = ChainBook(storage)
         if options.call_sink is not None:

@@ -88,6 +88,7 @@ class UpstreamClient:
     def __init__(self, keepalive: float = 60.0, tls: ssl.SSLContext | None = None) -> None:
         self.keepalive = keepalive
         self._tls = tls
+        self._tls_read: asyncio.Future[ssl.SSLContext] | None = None
         self._idle: dict[Origin, list[Connection]] = {}
         self._open: set[Connection] = set()
         # Resolved addresses, and until when; a look-up in flight is shared by every
@@ -128,6 +129,18 @@ class UpstreamClient:
         conn = await self._acquire(origin, timeouts.connect)
         return conn.start(head, body, method, timeouts.read)
 
+    async def tls(self) -> ssl.SSLContext:
+        """The TLS context of https upstreams: the system's CAs, read once on a thread (50
+        ms of file reads that would stall every call on the loop). `app` asks for it at
+        startup when an upstream is https; concurrent first connections share one read."""
+        if self._tls is None:
+            if self._tls_read is None:
+                self._tls_read = asyncio.ensure_future(
+                    asyncio.to_thread(ssl.create_default_context)
+                )
+            self._tls = await asyncio.shield(self._tls_read)
+        return self._tls
+
     async def close(self) -> None:
         if self._sweep is not None:
             self._sweep.cancel()
@@ -161,11 +174,7 @@ class UpstreamClient:
 
     async def _connect(self, origin: Origin) -> Connection:
         loop = asyncio.get_running_loop()
-        tls: ssl.SSLContext | None = None
-        if origin.tls:
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
-            tls = self._tls
+        tls = await self.tls() if origin.tls else None
         error: OSError | None = None
         for host, port in await self._resolve(origin):
             try:
