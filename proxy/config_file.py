@@ -72,10 +72,17 @@ def _upstream(s: Section, names: set[str]) -> Upstream:
     if pairs and provider != "azure":
         s.fail("deployments", "only Azure upstreams (provider: azure) have deployments")
     tier = s.choice("default_service_tier", ("default", "priority", "flex"), "default")
+    api_key = s.string("api_key", None, env=True)
+    if isinstance(api_key, str) and not api_key.isprintable():
+        # It goes into a request header, which a line break would end early: refused
+        # here, once, rather than on every call. The key itself is never shown.
+        reason = ("holds a line break or another control character (a key read from a file"
+                  " often ends in a newline)")  # fmt: skip
+        s.report(s.error("api_key", MISSING, reason))
     return Upstream(
         name=name,
         base_url=base_url,
-        api_key=s.string("api_key", None, env=True),
+        api_key=api_key,
         models=models,
         default=s.boolean("default", False),
         inject_usage=s.boolean("inject_usage", True),

@@ -82,6 +82,23 @@ def test_errors_name_file_line_key_and_value(tmp_path: Path, text: str, expected
     assert "\n" not in message
 
 
+def test_an_upstream_key_with_a_line_break_is_refused_and_not_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key read from a file often ends in a newline; in a header it would end the
+    header early. Refused at load, naming the key, never printing it."""
+    monkeypatch.setenv("KEY_FROM_FILE", "sk-secret-123\n")
+    path = write(
+        tmp_path,
+        "upstreams:\n  - {name: o, base_url: 'https://x/v1', api_key: '${KEY_FROM_FILE}'}\n",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert "key 'upstreams[0].api_key': holds a line break or another control character" in message
+    assert "sk-secret" not in message
+
+
 def test_the_example_config_shows_every_key() -> None:
     """Every key the parser accepts appears in config.example.yaml (as a key or in a
     comment): the file is where people look them up."""
