@@ -161,9 +161,9 @@ class Response:
 
     # -- fed by the connection -------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
-        self._buffer.append(data)
-        self._size += len(data)
+    def _feed(self, pieces: list[bytes]) -> None:
+        self._buffer.extend(pieces)
+        self._size += sum(map(len, pieces))
 
     def _arrived(self) -> None:
         """The end of one read (the parser may have cut it into many pieces): the sink
@@ -202,6 +202,10 @@ class Connection(asyncio.Protocol):
         self.origin = origin
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        # The body's pieces, one per HTTP chunk: the parser calls a list's append (a C
+        # call, no Python frame per piece) and data_received hands them on, once a read.
+        self._pieces: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self._pieces.append
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
@@ -234,10 +238,18 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(UpstreamError(f"the upstream's answer is not valid HTTP/1.1: {e}"))
-            self.abort()
-            return
+            if not self._complete:
+                self._pieces.clear()
+                self._fail(UpstreamError(f"the upstream's answer is not valid HTTP/1.1: {e}"))
+                self.abort()
+                return
+            self._keep_alive = False  # bytes after the answer, in the same read: out of turn
+        pieces = self._pieces
         response = self.response
+        if pieces:
+            if response is not None and not self.head_only:
+                response._feed(pieces)
+            pieces.clear()
         if response is not None and response._buffer:
             response._arrived()
             if response._size > _HIGH_WATER and not self.reading_paused:
@@ -313,10 +325,9 @@ class Connection(asyncio.Protocol):
             self._complete = True
             self._until_close = False
 
-    def on_body(self, body: bytes) -> None:
-        response = self.response
-        if response is not None and not self._complete:
-            response._feed(body)
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second message in the read that completed the answer
+            raise UpstreamError("the upstream sent more than its answer")
 
     def on_message_complete(self) -> None:
         if self._informational:

@@ -560,3 +560,22 @@ async def test_a_short_read_timeout_holds_on_a_connection_last_used_with_a_long_
             await call(client, up.url, path="/silent", t=Timeout(2, 0.3))
         assert 0.25 < time.monotonic() - started < 1.0
     assert up.connections == 1  # the same connection, whose timer was armed for 30 s
+
+
+async def test_a_second_answer_in_the_same_read_does_not_overwrite_the_first(
+    client: UpstreamClient,
+) -> None:
+    up = Upstream(lambda r, w: asyncio.sleep(0))
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await up.read_request(r)
+            w.write(answer(b"one") + answer(b"nobody asked", status="500 Oops"))
+            await w.drain()
+
+    up.script = script
+    async with up:
+        assert await call(client, up.url) == (200, b"one")
+        assert client.open_connections == 0  # it talked out of turn: dropped
+        assert await call(client, up.url) == (200, b"one")
+    assert up.connections == 2
