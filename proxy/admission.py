@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 from proxy.policy import (
     COST_LIMITS,
@@ -153,16 +153,33 @@ class Limit:
         return None if self.key.kind == "cost:life" else self.key.end
 
 
-@dataclass(frozen=True, slots=True)
-class Demand:
+class Demand(NamedTuple):
     """What admitting a call adds to one counter, and the most used + reserved may be
-    before it (None: not checked)."""
+    before it (None: not checked). A tuple: every admission builds its own."""
 
     key: CounterKey
     add_used: int
     add_reserved: int
     cap: int | None
     new_only: bool = False
+
+
+class _Shape(NamedTuple):
+    """One counter a call's admission touches, as far as the call's amount does not
+    matter: kept per plan and window (see `_memoized`)."""
+
+    key: CounterKey
+    money: bool  # adds the call's amount to reserved (else 1 to used)
+    new_only: bool
+    cap_value: int | None  # the tightest refusing limit's value (None: not checked)
+
+    def demand(self, amount: int) -> Demand:
+        """Its demand for a call reserving `amount` (a money counter), or counting 1."""
+        add = amount if self.money else 1
+        cap = None if self.cap_value is None else self.cap_value - add
+        if self.money:
+            return Demand(self.key, 0, amount, cap)
+        return Demand(self.key, 1, 0, cap, self.new_only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +336,28 @@ def _limits(
     return out
 
 
+def _shapes(plan: Plan, agent: str, intent: str | None, limits: Sequence[Limit]) -> list[_Shape]:
+    """The counters an admission touches, in key order (stores lock them in that order):
+    what each adds, and its tightest refusing limit."""
+    money: dict[CounterKey, bool] = {}
+    new_only: dict[CounterKey, bool] = {}
+    caps: dict[CounterKey, int | None] = {}
+    for lim in limits:
+        money[lim.key], new_only[lim.key] = lim.money, (not lim.money and lim.new_only)
+        caps.setdefault(lim.key, None)
+        if lim.action in REFUSING:
+            old = caps[lim.key]
+            caps[lim.key] = lim.value if old is None else min(old, lim.value)
+    if intent is not None and any(a.policy.intents for a in plan.applicable):
+        # Whether the intent is new is read from its lifetime counter.
+        key = intent_key(agent, intent)
+        money.setdefault(key, True)
+        new_only.setdefault(key, False)
+        caps.setdefault(key, None)
+    ordered = sorted(money, key=lambda k: (k.scope, k.kind, k.start))
+    return [_Shape(k, money[k], new_only[k], caps[k]) for k in ordered]
+
+
 def plan_admission(
     plan: Plan,
     agent: str,
@@ -342,22 +381,11 @@ def plan_admission(
     )
     if free:
         limits = [lim for lim in limits if not lim.money]
-    adds: dict[CounterKey, tuple[int, int, bool]] = {}
-    caps: dict[CounterKey, int | None] = {}
-    for lim in limits:
-        adds[lim.key] = (0, amount, False) if lim.money else (1, 0, lim.new_only)
-        caps.setdefault(lim.key, None)
-        if lim.action in REFUSING:
-            cap = lim.value - (amount if lim.money else 1)
-            old = caps[lim.key]
-            caps[lim.key] = cap if old is None else min(old, cap)
-    if intent is not None and any(a.policy.intents for a in plan.applicable):
-        # Whether the intent is new is read from its lifetime counter.
-        key = intent_key(agent, intent)
-        adds.setdefault(key, (0, amount, False))
-        caps.setdefault(key, None)
-    ordered = sorted(adds, key=lambda k: (k.scope, k.kind, k.start))
-    demands = [Demand(k, *adds[k][:2], caps[k], adds[k][2]) for k in ordered]
+    shapes = _memoized(
+        plan, calendar, now, ("demands", agent, intent, counting, free, progress_mark),
+        lambda: _shapes(plan, agent, intent, limits),
+    )  # fmt: skip
+    demands = [shape.demand(amount) for shape in shapes]
     loop = None
     guard_policy = plan.loop_policy
     if counting and digest is not None and guard_policy is not None:
