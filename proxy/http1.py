@@ -328,6 +328,9 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._complete:  # a second message in the read that completed the answer
             raise UpstreamError("the upstream sent more than its answer")
+        # A chunked answer's trailers come through on_header after its head: they must
+        # not become the next answer's headers.
+        self._headers = []
 
     def on_message_complete(self) -> None:
         if self._informational:

@@ -579,3 +579,19 @@ async def test_a_second_answer_in_the_same_read_does_not_overwrite_the_first(
         assert client.open_connections == 0  # it talked out of turn: dropped
         assert await call(client, up.url) == (200, b"one")
     assert up.connections == 2
+
+
+async def test_trailers_after_a_chunked_answer_stay_with_it(client: UpstreamClient) -> None:
+    up = Upstream(lambda r, w: asyncio.sleep(0))
+    up.script = served(
+        up,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: t\r\n\r\n",
+        answer(b"second", "X-Second: 2"),
+    )
+    async with up:
+        assert await call(client, up.url) == (200, b"ok")
+        r = await client.request("POST", up.url + "/v1/x", {}, b"", T)
+        assert await r.read() == b"second"
+        r.release()
+    assert "X-Trailer" not in r.headers and r.headers["X-Second"] == "2"
+    assert up.connections == 1
