@@ -237,6 +237,11 @@ class Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # not an HttpParserError: never asked for either
+            self._pieces.clear()
+            self._fail(UpstreamError("the upstream switched protocols, which is not relayed"))
+            self.abort()
+            return
         except httptools.HttpParserError as e:
             if not self._complete:
                 self._pieces.clear()

@@ -595,3 +595,15 @@ async def test_trailers_after_a_chunked_answer_stay_with_it(client: UpstreamClie
         r.release()
     assert "X-Trailer" not in r.headers and r.headers["X-Second"] == "2"
     assert up.connections == 1
+
+
+async def test_an_upstream_that_switches_protocols_fails_the_call_cleanly(
+    client: UpstreamClient,
+) -> None:
+    up = Upstream(lambda r, w: asyncio.sleep(0))
+    up.script = served(up, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\n\r\n")  # fmt: skip
+    async with up:
+        with pytest.raises(UpstreamError, match="switched protocols"):
+            await call(client, up.url)
+    assert client.open_connections == 0
