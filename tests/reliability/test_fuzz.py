@@ -1,5 +1,6 @@
 """Fuzzing: random bodies, headers and SSE streams at the request parser and the usage
-extractor. No crash, no unhandled exception: a clear 4xx or a faithful pass-through."""
+extractor, random answers at the upstream client. No crash, no unhandled exception: a
+clear 4xx or a faithful pass-through."""
 
 from __future__ import annotations
 
@@ -337,3 +338,66 @@ def _priced(usage: dict[str, Any]) -> int | None:
     if cached > p or reasoning > c:
         return None
     return (p - cached) * 2_500_000 + cached * 1_250_000 + c * 10_000_000
+
+
+_ANSWERS = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+    b"HTTP/1.1 103 Early\r\n\r\nHTTP/1.0 404 No\r\n\r\nuntil the end",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+)
+
+
+def _mutated(answer: bytes, edits: list[tuple[int, bytes]], cut: int | None) -> bytes:
+    for at, piece in edits:
+        answer = answer[:at] + piece + answer[at + len(piece) :]
+    return answer if cut is None else answer[:cut]
+
+
+UPSTREAM_ANSWERS = st.binary(max_size=200) | st.builds(
+    _mutated,
+    st.sampled_from(_ANSWERS),
+    st.lists(st.tuples(st.integers(0, 90), st.binary(max_size=6)), max_size=4),
+    st.none() | st.integers(0, 90),
+)
+
+
+@given(UPSTREAM_ANSWERS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_upstream_client_survives_any_answer(answer: bytes) -> None:
+    """Whatever bytes an upstream answers with (then hanging up): a response, or an
+    UpstreamError or ReadTimeout, within the timeouts; never another exception, a hang,
+    or a connection left open."""
+    from proxy.http1 import ReadTimeout, UpstreamError
+    from proxy.upstream_client import Timeout, UpstreamClient
+
+    async def scenario() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await r.readuntil(b"\r\n\r\n")
+                w.write(answer)
+                await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        client = UpstreamClient()
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with asyncio.timeout(3):
+                try:
+                    r = await client.request("GET", f"http://127.0.0.1:{port}/x", {}, None,
+                                             Timeout(1, 0.5))  # fmt: skip
+                    try:
+                        body = await r.read()
+                    finally:
+                        r.release()
+                    assert 100 <= r.status <= 999 and isinstance(body, bytes)
+                except (UpstreamError, ReadTimeout):
+                    pass
+                await asyncio.sleep(0)
+            assert client.open_connections <= 1  # at most one, kept for reuse
+        finally:
+            await client.close()
+            server.close()
+
+    asyncio.run(scenario())
