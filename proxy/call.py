@@ -380,8 +380,10 @@ class Call:
         finally:
             response.release()
 
-    def upstream_fault(self, exc: BaseException) -> ProxyFault | None:
-        failure = classify(exc, Stage.BODY)
+    def upstream_fault(self, exc: BaseException, stage: Stage = Stage.BODY) -> ProxyFault | None:
+        """The fault to answer for an upstream failure at `stage` (None: not one), and
+        whether the provider may have billed for it."""
+        failure = classify(exc, stage)
         if failure is None:
             return None
         self.maybe_billed = failure.maybe_billed

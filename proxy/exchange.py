@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy import relay
 from proxy.errors import ProxyFault
-from proxy.faults import Stage, classify
+from proxy.faults import Stage
 from proxy.http1 import Response
 from proxy.upstream import client_timeout
 
@@ -34,11 +34,10 @@ async def run(call: Call, url: str, headers: Any, data: Any) -> Exchange:
             call.request.method, url, headers, data, client_timeout(config.timeouts, rec.stream)
         )
     except Exception as e:
-        failure = classify(e, Stage.CONNECT)
-        if failure is None:
+        fault = call.upstream_fault(e, Stage.CONNECT)
+        if fault is None:
             raise
-        call.maybe_billed = failure.maybe_billed
-        raise failure.fault(rec.upstream) from None
+        raise fault from None
     if call.metered and not rec.stream:
         call.awaited = response  # the request went out: finished even if the client leaves
     try:
@@ -60,11 +59,10 @@ async def answer(call: Call, response: Response) -> Exchange:
     try:
         await response.head()
     except Exception as e:
-        failure = classify(e, Stage.CONNECT)
-        if failure is None:
+        fault = call.upstream_fault(e, Stage.CONNECT)
+        if fault is None:
             raise
-        call.maybe_billed = failure.maybe_billed
-        raise failure.fault(call.record.upstream) from None
+        raise fault from None
     call.timings.head = time.perf_counter()
     if not call.metered or "text/event-stream" in response.headers.get("Content-Type", ""):
         return response, None
