@@ -310,14 +310,12 @@ class Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:  # 103 Early Hints and the like: not it
             self._informational = True
-            self._headers = []
             return
         response = self.response
         assert response is not None
         response.status = status
         headers = CIMultiDict(self._headers)
         response.headers = CIMultiDictProxy(headers)
-        self._headers = []
         self._keep_alive = self.parser.should_keep_alive()
         self._until_close = (
             "Content-Length" not in headers
@@ -333,8 +331,8 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._complete:  # a second message in the read that completed the answer
             raise UpstreamError("the upstream sent more than its answer")
-        # A chunked answer's trailers come through on_header after its head: they must
-        # not become the next answer's headers.
+        # The one place the list starts over: a 1xx's headers, and a chunked answer's
+        # trailers (on_header after its head), never become the next answer's headers.
         self._headers = []
 
     def on_message_complete(self) -> None:
