@@ -118,9 +118,6 @@ class SqliteStorage(Storage):
             if job is None:
                 conn.close()
                 return
-            jobs += 1
-            if jobs % _WAL_LOOK_EVERY == 0:
-                self._bound_wal(conn)
             work, loop, future = job
             try:
                 result = work(conn)
@@ -132,6 +129,9 @@ class SqliteStorage(Storage):
             else:
                 if loop is not None and future is not None and not loop.is_closed():
                     loop.call_soon_threadsafe(_set_result, future, result)
+            jobs += 1
+            if jobs % _WAL_LOOK_EVERY == 0:  # after the job: its callers are answered first
+                self._bound_wal(conn)
 
     async def _on_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
