@@ -96,6 +96,11 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS),
                         help="default: json and stream, usage asked")  # fmt: skip
     parser.add_argument("--without-floor", action="store_true")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the callgrind dumps (for callgrind_annotate) and say where",
+    )
     args = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("valgrind is needed (apt-get install valgrind)")
@@ -133,7 +138,10 @@ def main() -> None:
                          f"{counts['meterproxy'] / floor:.2f}" if floor else "-"])  # fmt: skip
     finally:
         upstream.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"callgrind dumps kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(table(["scenario", "meterproxy", "floor", "meterproxy ÷ floor"], rows))
 

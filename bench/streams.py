@@ -13,7 +13,6 @@ streams at 20-50 ms are 140,000 chunks a second: more than one core can relay).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import resource
 import statistics
@@ -24,11 +23,11 @@ import time
 from pathlib import Path
 
 from bench.__main__ import Process, free_ports, pinned
-from bench.stream_load import run_clients, serve_upstream
+from bench.stream_load import run_clients, run_fast, serve_upstream
 
 
 def client(port: int, path: str, args: argparse.Namespace, out: Path) -> None:
-    tally = asyncio.run(
+    tally = run_fast(
         run_clients(
             port,
             path,
@@ -56,11 +55,20 @@ def client(port: int, path: str, args: argparse.Namespace, out: Path) -> None:
     )
 
 
-def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -> dict:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_target(
+    name: str, proc: Process, upstream: Process, args: argparse.Namespace, work: Path
+) -> dict:
     warm = work / f"{name}-warm.json"
     subprocess.run(client_argv(proc.port, 50, 1, 1, warm), check=True)
     idle = proc.rss_mb()
     user0, sys0 = proc.cpu_times()
+    load0 = sum(upstream.cpu_times()) + _children_cpu()
+    began = time.monotonic()
     out = work / f"{name}.json"
     c = subprocess.Popen(
         client_argv(proc.port, args.streams, args.seconds, args.ramp, out, args.chunk_ms)
@@ -69,8 +77,12 @@ def run_target(name: str, proc: Process, args: argparse.Namespace, work: Path) -
     while c.poll() is None:
         time.sleep(0.5)
         peak = max(peak, proc.rss_mb())
+    wall = time.monotonic() - began
     data: dict = json.loads(out.read_text())
     user, system = (t - t0 for t, t0 in zip(proc.cpu_times(), (user0, sys0), strict=True))
+    # The client and the fake upstream share one core: near all of it, chunks queue on
+    # the load side, and that wait is measured as the proxy's delay.
+    data["load_busy"] = (sum(upstream.cpu_times()) + _children_cpu() - load0) / wall
     data["rss_per_stream_kb"] = (peak - idle) * 1024 / args.streams
     data["cpu_us_per_chunk"] = (user + system) / max(data["chunks"], 1) * 1e6
     data["system_share"] = system / max(user + system, 1e-9)
@@ -129,7 +141,7 @@ def main() -> None:
         client(args.client_port, "/v1/chat/completions", args, Path(args.out))
         return
     if args.upstream_port:
-        asyncio.run(serve_upstream(args.upstream_port))
+        run_fast(serve_upstream(args.upstream_port))
         return
     # a proxy holds two sockets per stream (client side and upstream side)
     if 2 * args.streams + 200 > hard:
@@ -185,17 +197,22 @@ def main() -> None:
         print(
             f"{'target':<11}{'ok':>7}{'failed':>8}{'chunks':>10}{'delay p50':>11}"
             f"{'p99 ms':>8}{'KB/stream':>11}{'CPU us/chunk':>14}{'kernel':>8}"
-            f"{'RSS MB idle/peak':>19}"
+            f"{'RSS MB idle/peak':>19}{'load core':>11}"
         )
         for name in ("floor", "meterproxy"):
-            r = run_target(name, procs[name], args, work)
+            r = run_target(name, procs[name], procs["upstream"], args, work)
             print(
                 f"{name:<11}{r['ok']:>7.0f}{r['failed']:>8.0f}{r['chunks']:>10.0f}"
                 f"{r['p50']:>11.2f}{r['p99']:>8.2f}{r['rss_per_stream_kb']:>11.1f}"
                 f"{r['cpu_us_per_chunk']:>14.1f}{r['system_share']:>8.0%}"
-                f"{r['idle_mb']:>10.0f}/{r['peak_mb']:.0f}",
+                f"{r['idle_mb']:>10.0f}/{r['peak_mb']:<8.0f}{r['load_busy']:>10.0%}",
                 flush=True,
             )
+            if r["load_busy"] > 0.85:
+                print(
+                    f"{'':<11}the load side was {r['load_busy']:.0%} busy: its own queueing"
+                    " is in this row's delays (fewer streams, or slower chunks)"
+                )
             if r["reasons"]:
                 print(f"{'':<11}failures: {r['reasons']}")
     finally:
