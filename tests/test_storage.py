@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from proxy.records import CallRecord
 from proxy.storage import Storage, open_storage
 from proxy.storage.base import CounterKey
 from proxy.storage.migrations import MIGRATIONS
-from proxy.storage.sqlite import SqliteStorage
+from proxy.storage.sqlite import CHECKPOINT_JOBS, CHECKPOINT_SECONDS, SqliteStorage, checkpoint_due
 from tests.records import call_record
 
 T0 = 1_795_000_000.0
@@ -93,6 +94,52 @@ async def test_shared_counters_reserve_then_the_row_settles_once(pg_url: str) ->
         assert await s.fetch("SELECT COUNT(*) FROM reservations") == [(0,)]
     finally:
         await s.close()
+
+
+def test_a_checkpoint_waits_for_enough_writes_or_enough_time() -> None:
+    assert not checkpoint_due(0, 3600.0)  # nothing written: nothing to copy
+    assert not checkpoint_due(CHECKPOINT_JOBS - 1, CHECKPOINT_SECONDS - 0.01)
+    assert checkpoint_due(CHECKPOINT_JOBS, 0.0)
+    assert checkpoint_due(1, CHECKPOINT_SECONDS)
+    assert not checkpoint_due(1, CHECKPOINT_SECONDS - 0.01)
+
+
+def _rows_in_database_file(path: Path) -> int:
+    """Rows the checkpoints copied into the database file (`immutable`: the WAL unread)."""
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+    except sqlite3.OperationalError:  # not even the schema was copied yet
+        return 0
+    except sqlite3.DatabaseError:  # read while a checkpoint was writing the file
+        return -1
+    finally:
+        conn.close()
+
+
+async def test_sqlite_checkpoints_when_writes_add_up_not_every_second(tmp_path: Path) -> None:
+    """A checkpoint that copies the whole WAL makes the next commit fsync the WAL's new
+    header: a few calls a second must not pay that every second. Many writes still get
+    their checkpoint at once, off the writer."""
+    path = tmp_path / "ledger.db"
+    storage = SqliteStorage(f"sqlite:///{path}")
+    await storage.open()
+    await storage.migrate()
+    await storage.start()
+    try:
+        for i in range(5):
+            await storage.write_calls([record(i)])
+        await asyncio.sleep(1.5)  # six upkeep ticks: the old cadence checkpointed at the 4th
+        assert _rows_in_database_file(path) == 0
+        for i in range(5, 5 + CHECKPOINT_JOBS):
+            await storage.write_calls([record(i)])
+        for _ in range(40):
+            if _rows_in_database_file(path) == 5 + CHECKPOINT_JOBS:
+                break
+            await asyncio.sleep(0.05)
+        assert _rows_in_database_file(path) == 5 + CHECKPOINT_JOBS
+    finally:
+        await storage.close()
 
 
 async def test_sqlite_keeps_its_wal_bounded_under_writes_that_never_pause(tmp_path: Path) -> None:
