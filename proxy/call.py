@@ -531,11 +531,15 @@ class Call:
     async def commit(self) -> None:
         self._finish_row()
         self.phase = Phase.RECORDED
-        await self.svc.ledger.commit(self.record)
-        # The log line and the observers describe a finished call, so they wait for the
-        # next turn of the loop: the caller writes the answer (or its last bytes) in this
-        # one, and the client does not wait for them (70 us a call after an idle gap).
-        asyncio.get_running_loop().call_soon(self._observe_after)
+        try:
+            await self.svc.ledger.commit(self.record)
+        finally:
+            # The log line and the observers describe a finished call, so they wait for
+            # the next turn of the loop: the caller writes the answer (or its last bytes)
+            # in this one, and the client does not wait for them (70 us a call after an
+            # idle gap). A client that hangs up meanwhile cancels the wait, not the row
+            # (the ledger holds it): its line and its metrics still follow.
+            asyncio.get_running_loop().call_soon(self._observe_after)
 
     def _observe_after(self) -> None:
         try:

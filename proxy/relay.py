@@ -105,9 +105,35 @@ async def json(call: Call, response: Response, data: bytes) -> web.StreamRespons
     headers["x-meter-cost-usd"] = (
         usd_exact(rec.cost_pico) if rec.cost_pico is not None else "unpriced"
     )
+    if len(data) > 1 and len(call.svc.inflight) <= 1:
+        return await _all_but_the_last_byte_first(call, response.status, headers, data)
     await call.commit()
     call.response = web.Response(status=response.status, body=data, headers=headers)
     return call.response
+
+
+async def _all_but_the_last_byte_first(
+    call: Call, status: int, headers: CIMultiDict[str], data: bytes
+) -> web.StreamResponse:
+    """The answer goes out while its row commits, all but its last byte, which waits for
+    the commit (the same promise as a stream's last event). Only for a call alone on the
+    proxy: the row's commit there is a cold hop to the writer thread and back (70 us
+    after a 50 ms gap, against 10 us under load), and the client reads the rest of the
+    answer meanwhile (-0.11 ms p50 at 20 calls/s). Under load one write is cheaper."""
+    out, _ = await prepared(call, status, headers, len(data))
+    try:
+        await out.write(data[:-1])
+    except ConnectionResetError:
+        call.client_gone = True
+    await call.commit()
+    if call.client_gone:
+        return out
+    try:
+        await out.write(data[-1:])
+        await out.write_eof()
+    except ConnectionResetError:
+        pass
+    return out
 
 
 async def retrieved(call: Call, response: Response) -> web.StreamResponse:

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import pytest
 import yaml
 
 from proxy.config_file import parse_config
@@ -227,6 +228,67 @@ async def test_once_a_commit_is_late_calls_stop_waiting_until_the_ledger_catches
             assert await _chat(s, proxy.url) == 200
             assert ledger.unconfirmed == 4
         assert len(await proxy.rows()) == 5
+    finally:
+        holder.close()
+
+
+async def test_a_lone_calls_answer_goes_out_while_its_row_commits_but_not_its_last_byte(
+    make_proxy: ProxyFactory,
+) -> None:
+    """Alone on the proxy, a call's answer is written while its row commits, all but the
+    last byte: a client cannot finish reading the answer of a call with no row."""
+    proxy = await make_proxy()
+    path = proxy.config.db_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # the row's commit waits for this
+    body = json.dumps({"model": "gpt-4o", "messages": HI, "max_tokens": 5}).encode()
+    assert proxy.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type:"
+                     b" application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (proxy.server.port, len(body), body))  # fmt: skip
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode().lower()
+        headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if line)
+        assert head.startswith("http/1.1 200")
+        first = await asyncio.wait_for(reader.readexactly(int(headers["content-length"]) - 1), 10)
+        with pytest.raises(TimeoutError):  # the last byte waits for the row
+            await asyncio.wait_for(reader.readexactly(1), 0.5)
+        assert proxy.svc.ledger.backlog == 1
+        holder.execute("ROLLBACK")
+        last = await asyncio.wait_for(reader.readexactly(1), 10)
+    finally:
+        holder.close()
+        writer.close()
+    answer = json.loads(first + last)
+    rows = await proxy.rows()
+    assert [r["id"] for r in rows] == [headers["x-meter-request-id"]]
+    assert rows[0]["output_tokens"] == answer["usage"]["completion_tokens"]
+
+
+async def test_a_client_that_hangs_up_while_its_row_commits_still_gets_its_line_and_metrics(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy()
+    path = proxy.config.db_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "gpt-4o", "messages": HI, "max_tokens": 5}
+            async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200  # the head came; the body's last byte has not
+            # leaving the block without reading the body closes the connection
+        await asyncio.sleep(0.2)
+        holder.execute("ROLLBACK")
+        rows = await proxy.rows()
+        assert len(rows) == 1 and rows[0]["status"] == 200
+        await asyncio.sleep(0.05)  # the observers run on the turn after the commit
+        async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
+            text = await r.text()
+        assert (
+            'meterproxy_requests_total{agent="anonymous",model="gpt-4o",status="200"} 1.0' in text
+        )
     finally:
         holder.close()
 
