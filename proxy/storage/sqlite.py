@@ -93,6 +93,15 @@ def checkpoint_due(jobs: int, seconds: float) -> bool:
     return jobs >= CHECKPOINT_JOBS or (jobs > 0 and seconds >= CHECKPOINT_SECONDS)
 
 
+def _checkpoint(conn: sqlite3.Connection, where: str) -> None:
+    """A PASSIVE checkpoint (it takes no write lock); a failure is logged, and the next
+    one tries again."""
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    except sqlite3.Error as e:
+        log.warning("%s: %s", where, e)
+
+
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
@@ -125,7 +134,6 @@ class SqliteStorage(Storage):
     # -- the writer thread ---------------------------------------------------------------
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        jobs = 0
         while True:
             job = self._jobs.get()
             if job is None:
@@ -142,9 +150,8 @@ class SqliteStorage(Storage):
             else:
                 if loop is not None and future is not None and not loop.is_closed():
                     loop.call_soon_threadsafe(_set_result, future, result)
-            jobs += 1
-            self._jobs_done = jobs
-            if jobs % _WAL_LOOK_EVERY == 0:  # after the job: its callers are answered first
+            self._jobs_done += 1
+            if self._jobs_done % _WAL_LOOK_EVERY == 0:  # after the job: its callers come first
                 self._bound_wal(conn)
 
     async def _on_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -179,10 +186,7 @@ class SqliteStorage(Storage):
         except OSError:
             return
         if size > self.wal_limit:
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as e:
-                log.warning("storage: checkpoint on the writer: %s", e)
+            _checkpoint(conn, "storage: checkpoint on the writer")
 
     # -- opening and closing ---------------------------------------------------------------
 
@@ -337,10 +341,7 @@ class SqliteStorage(Storage):
                 now = time.monotonic()
                 if checkpoint_due(self._jobs_done - jobs_then, now - then):
                     jobs_then, then = self._jobs_done, now
-                    try:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    except sqlite3.Error as e:
-                        log.warning("storage upkeep: checkpoint: %s", e)
+                    _checkpoint(conn, "storage upkeep: checkpoint")
         finally:
             conn.close()
 
