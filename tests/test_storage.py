@@ -11,7 +11,14 @@ from proxy.records import CallRecord
 from proxy.storage import Storage, open_storage
 from proxy.storage.base import CounterKey
 from proxy.storage.migrations import MIGRATIONS
-from proxy.storage.sqlite import CHECKPOINT_JOBS, CHECKPOINT_SECONDS, SqliteStorage, checkpoint_due
+from proxy.storage.sqlite import (
+    CHECKPOINT_JOBS,
+    CHECKPOINT_SECONDS,
+    WAL_SYNC_SECONDS,
+    SqliteStorage,
+    checkpoint_due,
+    sync_wal,
+)
 from tests.records import call_record
 
 T0 = 1_795_000_000.0
@@ -140,6 +147,54 @@ async def test_sqlite_checkpoints_when_writes_add_up_not_every_second(tmp_path: 
         assert _rows_in_database_file(path) == 5 + CHECKPOINT_JOBS
     finally:
         await storage.close()
+
+
+def test_the_wal_is_synced_only_when_it_changed(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.db")
+    assert sync_wal(path, None) == (None, False)  # no WAL yet: nothing to sync
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (x)")
+        mark, synced = sync_wal(path, None)
+        assert synced and mark is not None and mark[0] > 0
+        assert sync_wal(path, mark) == (mark, False)  # nothing written since
+        conn.execute("INSERT INTO t VALUES (1)")
+        again, synced = sync_wal(path, mark)
+        assert synced and again is not None and again[0] > mark[0]
+    finally:
+        conn.close()
+
+
+async def test_sqlite_fsyncs_the_wal_every_second_while_rows_come_under_normal(
+    tmp_path: Path,
+) -> None:
+    """With NORMAL, SQLite fsyncs the WAL only at checkpoints (10 s apart when writes are
+    few): the upkeep thread syncs it about once a second, when rows came, so a power loss
+    takes about a second of rows at most. None when nothing was written; none with FULL,
+    whose commits sync themselves."""
+
+    async def syncs(synchronous: str) -> tuple[int, int]:
+        """fsyncs while nothing was written, and after one row."""
+        storage = SqliteStorage(f"sqlite:///{tmp_path / synchronous}.db", synchronous)
+        await storage.open()
+        await storage.migrate()
+        await storage.start()
+        try:
+            await asyncio.sleep(WAL_SYNC_SECONDS + 0.4)  # the migrations' writes get theirs
+            quiet = storage.wal_syncs
+            await asyncio.sleep(WAL_SYNC_SECONDS + 0.4)
+            idle = storage.wal_syncs - quiet
+            await storage.write_calls([record(1)])
+            await asyncio.sleep(WAL_SYNC_SECONDS + 0.4)
+            return idle, storage.wal_syncs - quiet - idle
+        finally:
+            await storage.close()
+
+    (normal_idle, normal_row), full = await asyncio.gather(syncs("NORMAL"), syncs("FULL"))
+    assert normal_idle == 0
+    assert normal_row in (1, 2)  # the row, and the rollup of it if it came a second later
+    assert full == (0, 0)
 
 
 async def test_sqlite_keeps_its_wal_bounded_under_writes_that_never_pause(tmp_path: Path) -> None:
