@@ -204,17 +204,23 @@ class Admission:
     # The least a limit that blocks would let the call reserve (its output cap clamped to
     # one token); None: the whole amount. Alert and dry-run limits count breaches by it.
     floor: int | None = None
+    # The counters holding this call's reservation, limited ones first (see `reserving`).
+    reserving: Sequence[CounterKey] = ()
 
     @property
     def intent_key(self) -> CounterKey | None:
         return intent_key(self.agent, self.intent) if self.intent is not None else None
 
-    @property
-    def reserving(self) -> list[CounterKey]:
-        """The counters holding this call's reservation, limited ones first."""
-        keys = [d.key for d in self.demands if d.add_reserved]
-        seen = set(keys)
-        return keys + [k for k in self.spend_keys if k not in seen]
+
+def reserving(
+    shapes: Iterable[_Shape], spend: Iterable[CounterKey], reserves: bool
+) -> list[CounterKey]:
+    """The counters a call's reservation is held on: its limited money counters (when it
+    `reserves` an amount), then every other counter its cost goes to (views show them
+    all)."""
+    keys = [shape.key for shape in shapes if shape.money] if reserves else []
+    seen = set(keys)
+    return keys + [k for k in spend if k not in seen]
 
 
 def minute_key(scope: str, at: float) -> CounterKey:
@@ -397,7 +403,12 @@ def plan_admission(
         plan, calendar, now, ("spend", agent, intent),
         lambda: spend_keys(agent, intent, calendar, now, plan.user_scope, plan.rate_per_intent),
     )  # fmt: skip
-    return Admission(agent, intent, amount, now, demands, limits, spend, loop)
+    held = _memoized(
+        plan, calendar, now,
+        ("reserving", agent, intent, counting, free, progress_mark, amount != 0),
+        lambda: reserving(shapes, spend, amount != 0),
+    )  # fmt: skip
+    return Admission(agent, intent, amount, now, demands, limits, spend, loop, reserving=held)
 
 
 # -- the decision ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.admission import GLOBAL, MINUTE_KIND, Admission, Outcome, agent_scope, split_scope
@@ -35,7 +35,7 @@ class Ticket:
     agent: str
     intent: str | None
     amount: int  # pico-USD reserved, extensions included
-    keys: list[CounterKey] = field(default_factory=list)  # counters holding the reservation
+    keys: Sequence[CounterKey] = ()  # counters holding the reservation
     spend: Sequence[CounterKey] = ()  # counters its cost goes to
     lease: str | None = None  # shared budgets: the reservation's id in the database
     settled: bool = False
@@ -49,7 +49,7 @@ class CounterStore(Protocol):
     async def prepare(self, adm: Admission) -> None:
         """Load what the admission reads and is not in the view yet (an old intent)."""
 
-    def ticket_keys(self, adm: Admission) -> list[CounterKey]:
+    def ticket_keys(self, adm: Admission) -> Sequence[CounterKey]:
         """The counters an admitted call's reservation is held on."""
 
     async def admit(self, adm: Admission, lease: str) -> Outcome: ...
@@ -162,7 +162,7 @@ class MemoryCounters:
         if row is not None and key not in self.values:
             self._remember(key, [row.cost_pico, 0])
 
-    def ticket_keys(self, adm: Admission) -> list[CounterKey]:
+    def ticket_keys(self, adm: Admission) -> Sequence[CounterKey]:
         return adm.reserving  # every window, limited or not: views show them all
 
     def _remember(self, key: CounterKey, value: list[int]) -> None:

@@ -173,7 +173,11 @@ class Enforcer:
         floor: int | None = None,  # see Admission.floor
     ) -> Ticket | Refusal:
         plan = self.plan(agent, user)
-        mark = await self._mark(plan, agent, intent, now)
+        mark = (
+            await self._mark(plan, agent, intent, now)
+            if plan.progress and intent is not None
+            else 0
+        )
         adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest, free=free,
                              progress_mark=mark)  # fmt: skip
         adm.floor = floor
@@ -203,7 +207,10 @@ class Enforcer:
                 ticket.lease = call_id
             self.outstanding += 1
             self.outstanding_pico += amount
-        refusal = await self._conclude(adm, decision, now)
+        if decision.admitted and not decision.alerts and not decision.shadows:
+            refusal = None  # most calls: nothing to say, not even a coroutine to run
+        else:
+            refusal = await self._conclude(adm, decision, now)
         if refusal is not None:
             if ticket is not None:  # admitted by the store, refused by a check it cannot make
                 await self._give_back(ticket)

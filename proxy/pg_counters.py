@@ -65,7 +65,7 @@ class PgCounters:
     async def prepare(self, adm: Admission) -> None:
         """Nothing to load: the database finds an old intent's spend itself."""
 
-    def ticket_keys(self, adm: Admission) -> list[CounterKey]:
+    def ticket_keys(self, adm: Admission) -> Sequence[CounterKey]:
         return [d.key for d in adm.demands if d.add_reserved]  # the lease's counters
 
     async def admit(self, adm: Admission, lease: str) -> Outcome:
