@@ -364,6 +364,33 @@ def _shapes(plan: Plan, agent: str, intent: str | None, limits: Sequence[Limit])
     return [_Shape(k, money[k], new_only[k], caps[k]) for k in ordered]
 
 
+class _Parts(NamedTuple):
+    """What an admission needs that its amount does not change: kept per plan and window
+    in one memo entry (see `_memoized`)."""
+
+    limits: Sequence[Limit]
+    shapes: Sequence[_Shape]
+    spend: Sequence[CounterKey]
+    reserving: Sequence[CounterKey]
+
+
+def _parts(
+    plan: Plan, agent: str, intent: str | None, calendar: Calendar, now: float, counting: bool,
+    free: bool, progress_mark: int, reserves: bool,
+) -> _Parts:  # fmt: skip
+    limits: Sequence[Limit] = plan_limits(
+        plan, agent, intent, calendar, now, counting=counting, progress_mark=progress_mark
+    )
+    if free:
+        limits = tuple(lim for lim in limits if not lim.money)
+    shapes = _shapes(plan, agent, intent, limits)
+    spend = _memoized(
+        plan, calendar, now, ("spend", agent, intent),
+        lambda: spend_keys(agent, intent, calendar, now, plan.user_scope, plan.rate_per_intent),
+    )  # fmt: skip
+    return _Parts(limits, tuple(shapes), spend, tuple(reserving(shapes, spend, reserves)))
+
+
 def plan_admission(
     plan: Plan,
     agent: str,
@@ -382,14 +409,11 @@ def plan_admission(
     `counting=False`: an extension of an admitted call, or a standing check. `free`: a
     call that cannot spend (listing models, retrieving a result): money limits do not
     stop it, count limits and pauses do."""
-    limits: Sequence[Limit] = plan_limits(
-        plan, agent, intent, calendar, now, counting=counting, progress_mark=progress_mark
-    )
-    if free:
-        limits = [lim for lim in limits if not lim.money]
-    shapes = _memoized(
-        plan, calendar, now, ("demands", agent, intent, counting, free, progress_mark),
-        lambda: _shapes(plan, agent, intent, limits),
+    reserves = amount != 0
+    ((limits, shapes, spend, held),) = _memoized(
+        plan, calendar, now, ("admission", agent, intent, counting, free, progress_mark, reserves),
+        lambda: (_parts(plan, agent, intent, calendar, now, counting, free, progress_mark,
+                        reserves),),
     )  # fmt: skip
     demands = [shape.demand(amount) for shape in shapes]
     loop = None
@@ -399,15 +423,6 @@ def plan_admission(
         assert guard is not None
         blocking = guard.max_identical_requests if guard_policy.refuses else None
         loop = LoopSpec(intent or "", digest, now - guard.window_seconds, blocking, guard_policy)
-    spend = _memoized(
-        plan, calendar, now, ("spend", agent, intent),
-        lambda: spend_keys(agent, intent, calendar, now, plan.user_scope, plan.rate_per_intent),
-    )  # fmt: skip
-    held = _memoized(
-        plan, calendar, now,
-        ("reserving", agent, intent, counting, free, progress_mark, amount != 0),
-        lambda: reserving(shapes, spend, amount != 0),
-    )  # fmt: skip
     return Admission(agent, intent, amount, now, demands, limits, spend, loop, reserving=held)
 
 
@@ -507,7 +522,10 @@ def decide(adm: Admission, outcome: Outcome, extra: Sequence[Check] = ()) -> Dec
     """What the store's answer means. `extra` are checks no store enforces (they only
     read counters): a refusing breach among them refuses a call the store admitted, and
     the caller must release its reservation."""
-    return decide_breached(breaches([*checks(adm, outcome, breached_only=True), *extra]), outcome)
+    breached = checks(adm, outcome, breached_only=True)
+    if not breached and not extra and not outcome.paused:
+        return Decision(outcome.ok)  # most calls: no limit near, nothing more to work out
+    return decide_breached(breaches([*breached, *extra]), outcome)
 
 
 def decide_breached(breached: Sequence[Check], outcome: Outcome) -> Decision:
