@@ -27,6 +27,12 @@ class OutputHistory:
         self.storage = storage
         self._outputs: OrderedDict[tuple[str, str], _Recent] = OrderedDict()
 
+    def expected_if_loaded(self, agent: str, model: str) -> tuple[bool, int | None]:
+        """`expected()` without a coroutine, when the key is in memory: (False, None) if
+        it is not (the ledger must be read)."""
+        outputs = self._outputs.get((agent, model))
+        return (False, None) if outputs is None else (True, outputs.percentile())
+
     async def expected(self, agent: str, model: str) -> int | None:
         key = (agent, model)
         outputs = self._outputs.get(key)

@@ -118,12 +118,16 @@ async def reserve(call: Call) -> Reservation:
     if ep.kind is not Kind.TOKENS:
         return await _units(call, price, tier)
     prompt = call.prompt_of()
-    text = await svc.tokens.count_prompt_async(call.record.model_requested, prompt)
+    model = call.record.model_requested
+    text = svc.tokens.count_small_prompt(model, prompt)
+    if text is None:
+        text = await svc.tokens.count_prompt_async(model, prompt)
     margin = config.input_margin(call.upstream.provider)
-    input_tokens = math.ceil(text * (1 + margin)) + sum(
-        media_tokens(m, price) for m in prompt.media
-    )
-    input_tokens += await _chain_tokens(call, price)
+    input_tokens = math.ceil(text * (1 + margin))
+    if prompt.media:
+        input_tokens += sum(media_tokens(m, price) for m in prompt.media)
+    if facts.previous_response_id is not None or facts.conversation is not None:
+        input_tokens += await _chain_tokens(call, price)
     rates = price.rates_for(tier, input_tokens)
     input_cost = input_tokens * rates.dearest_input
     if ep.name == "embeddings":
@@ -131,7 +135,10 @@ async def reserve(call: Call) -> Reservation:
     rate = rates.dearest_output
     choices = facts.choices
     worst = (facts.cap or price.max_output or config.reserve_output_tokens) * choices
-    recent = await svc.history.expected(call.record.agent, price.name) or 0
+    loaded, recent = svc.history.expected_if_loaded(call.record.agent, price.name)
+    if not loaded:
+        recent = await svc.history.expected(call.record.agent, price.name)
+    recent = recent or 0
     expected = min(max(config.reserve_output_tokens, recent) * choices, worst)
     if (facts.stream or ep.stream) and not price.hidden_reasoning:
         # Metered as it flows only if it can outgrow its reservation: a stream whose whole
