@@ -2,12 +2,12 @@
 
 Calls per second on a shared 2-core machine drift 25-30% between runs minutes apart, so a
 change worth 1-3% cannot be seen in them. The instructions a process executes per call
-can: valgrind's callgrind counts them, and the same code counts the same within about
-0.1% from run to run. Each target runs under callgrind (pinned to core 0, about 50 times
-slower than natively), gets a warm-up, then `--calls` calls, 4 at a time, from a client
-on core 1; the count covers those calls only (callgrind_control zeroes it before and
-dumps it after), the writer thread included. For a before/after, run it on both commits.
-Needs valgrind (`apt-get install valgrind`).
+can: valgrind's callgrind counts them, and two runs of the same code differ by up to
+about 1%, so a change of a percent or two needs two or more runs of each commit, in turn.
+Each target runs under callgrind (pinned to core 0, about 50 times slower than
+natively), gets a warm-up, then `--calls` calls, 4 at a time, from a client on core 1;
+the count covers those calls only (callgrind_control zeroes it before and dumps it
+after), the writer thread included. Needs valgrind (`apt-get install valgrind`).
 """
 
 from __future__ import annotations
