@@ -117,11 +117,14 @@ async def test_forty_uncapped_streams_are_cut_at_the_budget(
     cut = [r for r in rows if r["error"] is not None]
     assert all(r["error"].startswith("stream cut by the budget: agent 'agent' reached")
                for r in cut)  # fmt: skip
-    # What a cut stream's rows miss of the provider's bill is at most the token each stream
-    # generated after the hang-up: what arrived while its budget was being asked is counted
-    # (left unread, it was 30-60 tokens here, and the budget paid them twice over).
+    # What a cut stream's rows miss of the provider's bill is what the upstream generated
+    # after the hang-up, and what was still in the socket then: what arrived while its
+    # budget was being asked is counted (left unread, it was 30-60 tokens a stream here,
+    # and the budget paid them twice over). On an idle machine that is at most a token a
+    # stream; in the full suite on 2 busy cores the proxy reads later and 62 tokens were
+    # in flight for 39 cut streams. The bound keeps six times the margin to the old fault.
     unseen = sum(b.output for b in upstream.bills) - sum(r["output_tokens"] for r in rows)
-    assert 0 <= unseen <= len(cut), (unseen, len(cut))
+    assert 0 <= unseen <= 5 * len(cut), (unseen, len(cut))
     assert proxy.svc.enforcer.outstanding == 0
 
 
