@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httptools
 
-HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade"}
+from bench.forwarder import HOP
+
 _HOP_BYTES = {h.encode() for h in HOP}
-BODY = (
-    '{"model":"gpt-4o","messages":[{"role":"user","content":"Customer says the app'
-    ' crashes."}],"max_tokens":64}'
-)
 
 
 class _Upstream(asyncio.Protocol):
@@ -182,63 +176,39 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _wrk(port: int, seconds: int, script: Path) -> int:
-    out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{seconds}s", "-s", str(script),
-         f"http://127.0.0.1:{port}/v1/chat/completions"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    if "Non-2xx" in out:
-        raise SystemExit(f"non-2xx answers:\n{out}")
-    line = next(ln for ln in out.splitlines() if "requests in" in ln)
-    return int(line.split()[0])
-
-
 def measure(rounds: int, seconds: int) -> None:
-    from bench.__main__ import free_ports
+    from bench.__main__ import SCENARIOS, Process, free_ports, pinned, wrk
 
-    if shutil.which("wrk") is None or shutil.which("taskset") is None:
-        raise SystemExit("needs wrk and taskset (apt-get install wrk util-linux)")
+    if shutil.which("wrk") is None:
+        raise SystemExit("needs wrk (apt-get install wrk)")
     up, port = free_ports(2)
     work = Path(tempfile.mkdtemp(prefix="meterproxy-server-cost-"))
-    script = work / "wrk.lua"
-    script.write_text(
-        f"wrk.method = 'POST'\nwrk.body = '{BODY}'\n"
-        "wrk.headers['Content-Type'] = 'application/json'\n"
-    )
     py = sys.executable
-    upstream = subprocess.Popen(
-        ["taskset", "-c", "1", py, "-m", "bench.fake_upstream", "--port", str(up)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    body = SCENARIOS["json"]
+    upstream = Process(
+        "fake upstream", pinned(1, [py, "-m", "bench.fake_upstream", "--port", str(up)]), up,
+        work / "upstream.log",
     )  # fmt: skip
     cost: dict[str, list[float]] = {"aiohttp": [], "bare": []}
     try:
-        time.sleep(1.0)
+        upstream.wait_ready()
         for rnd in range(rounds):
             for server, costs in cost.items():
-                proc = subprocess.Popen(
-                    ["taskset", "-c", "0", py, "-m", "bench.server_cost", "--serve", server,
-                     "--port", str(port), "--upstream", str(up)],
-                )  # fmt: skip
+                argv = [py, "-m", "bench.server_cost", "--serve", server, "--port", str(port),
+                        "--upstream", str(up)]  # fmt: skip
+                proc = Process(server, pinned(0, argv), port, work / f"{server}.log")
                 try:
-                    time.sleep(1.5)
-                    _wrk(port, 1, script)  # warm-up
-                    before = _cpu_seconds(proc.pid)
-                    calls = _wrk(port, seconds, script)
-                    costs.append((_cpu_seconds(proc.pid) - before) / calls * 1e6)
+                    proc.wait_ready()
+                    wrk(port, body, 1, work)  # warm-up
+                    before = proc.cpu_seconds()
+                    _, calls = wrk(port, body, seconds, work)
+                    costs.append((proc.cpu_seconds() - before) / calls * 1e6)
                     print(f"round {rnd + 1} {server:8s} {calls / seconds:8.0f} calls/s"
                           f"  {costs[-1]:6.1f} us CPU/call", flush=True)  # fmt: skip
                 finally:
-                    proc.terminate()
-                    proc.wait()
+                    proc.stop()
     finally:
-        upstream.terminate()
-        upstream.wait()
+        upstream.stop()
         shutil.rmtree(work, ignore_errors=True)
     # Rounds drift together on a shared machine: the difference is taken round by round.
     diffs = sorted(x - y for x, y in zip(cost["aiohttp"], cost["bare"], strict=True))
