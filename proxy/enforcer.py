@@ -173,11 +173,7 @@ class Enforcer:
         floor: int | None = None,  # see Admission.floor
     ) -> Ticket | Refusal:
         plan = self.plan(agent, user)
-        mark = (
-            await self._mark(plan, agent, intent, now)
-            if plan.progress and intent is not None
-            else 0
-        )
+        mark = await self._mark(plan, agent, intent, now)
         adm = plan_admission(plan, agent, intent, amount, self.calendar, now, digest, free=free,
                              progress_mark=mark)  # fmt: skip
         adm.floor = floor

@@ -34,20 +34,20 @@ class OutputHistory:
         return (False, None) if outputs is None else (True, outputs.percentile())
 
     async def expected(self, agent: str, model: str) -> int | None:
-        key = (agent, model)
-        outputs = self._outputs.get(key)
-        if outputs is None:
-            outputs = _Recent()
-            if self.storage is not None:
-                rows = await self.storage.fetch(
-                    "SELECT output_tokens FROM calls WHERE agent = ? AND model_priced = ?"
-                    " AND usage_source = 'provider' AND llm_calls > 0 AND status < 400"
-                    " ORDER BY started_at DESC LIMIT ?",
-                    [agent, model, KEEP],
-                )
-                for r in reversed(rows):
-                    outputs.add(int(r[0]))
-            self._remember(key, outputs)
+        loaded, recent = self.expected_if_loaded(agent, model)
+        if loaded:
+            return recent
+        outputs = _Recent()
+        if self.storage is not None:
+            rows = await self.storage.fetch(
+                "SELECT output_tokens FROM calls WHERE agent = ? AND model_priced = ?"
+                " AND usage_source = 'provider' AND llm_calls > 0 AND status < 400"
+                " ORDER BY started_at DESC LIMIT ?",
+                [agent, model, KEEP],
+            )
+            for r in reversed(rows):
+                outputs.add(int(r[0]))
+        self._remember((agent, model), outputs)
         return outputs.percentile()
 
     def record(self, agent: str, model: str, output_tokens: int) -> None:

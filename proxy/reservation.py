@@ -80,18 +80,19 @@ def media_tokens(media: Media, price: ModelPrice) -> int:
 
 
 async def _chain_tokens(call: Call, price: ModelPrice) -> int:
-    """Earlier turns the request does not show, but the provider bills as input."""
+    """Earlier turns the request does not show, but the provider bills as input: for a
+    call that continues a chain (`previous_response_id` or `conversation`; `reserve`
+    awaits this only then)."""
     facts = call.facts
     chains = call.svc.chains
     known: int | None
     if facts.previous_response_id is not None:
         known = await chains.tokens(facts.previous_response_id)
         what = f"previous_response_id '{facts.previous_response_id}'"
-    elif facts.conversation is not None:
+    else:
+        assert facts.conversation is not None
         known = chains.conversation(facts.conversation)
         what = f"conversation '{facts.conversation}'"
-    else:
-        return 0
     if known is not None:
         return known
     config = call.svc.config

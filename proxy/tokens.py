@@ -115,9 +115,7 @@ class TokenCounter:
     def count_small_prompt(self, model: str | None, prompt: Prompt) -> int | None:
         """Counted here when small (cheaper than a thread hop, and than a coroutine);
         None: big enough for `count_prompt_async`'s thread."""
-        if prompt.chars <= THREAD_THRESHOLD_CHARS:
-            return self.count(model, prompt.texts) + prompt.fixed_tokens
-        return None
+        return self.count_prompt(model, prompt) if prompt.chars <= THREAD_THRESHOLD_CHARS else None
 
     async def count_prompt_async(self, model: str | None, prompt: Prompt) -> int:
         """Count on the loop when small (cheaper than a thread hop), in a thread when big."""
