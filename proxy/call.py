@@ -5,17 +5,17 @@ refusal, upstream fault, client gone, cancellation) it ends with exactly one led
 and its budget reservation is settled exactly once. What an API shape means (paths,
 usage, errors) is `proxy.shapes`; reading the request, `proxy.intake`; the upstream
 exchange and a client that leaves first, `proxy.exchange`; how bytes come
-back, `proxy.relay`; what is reserved, `proxy.reservation`.
+back, `proxy.relay`; what is reserved, `proxy.reservation`; what the call costs and how
+its reservation settles, `proxy.call_cost`; how it ends (its row, its observers, a fault
+answered), `proxy.call_end`; its phase and timings, `proxy.call_state`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -25,6 +25,9 @@ from aiohttp import web
 from proxy import exchange, intake, relay, relay_stream
 from proxy.attribution import UNAUTHENTICATED, end_user, identify, parse_tags
 from proxy.background import Pending, completion_id
+from proxy.call_cost import resolve_price, unpriced_reason
+from proxy.call_end import answer_fault, record_abnormal
+from proxy.call_state import Phase, Timings
 from proxy.config import Upstream
 from proxy.counters import Ticket
 from proxy.enforcer import Refusal
@@ -44,32 +47,10 @@ from proxy.shapes.openai import RETRIEVE, response_id_of
 from proxy.sse import StreamMeter
 from proxy.stream_budget import StreamBudget
 from proxy.upstream import request_headers
-from proxy.usage import ESTIMATED, PROVIDER, Usage
+from proxy.usage import PROVIDER
 
 log = logging.getLogger("meterproxy.proxy")
-_SYNC_ESTIMATE_CHARS = 65_536
 PENDING = "pending"  # usage_source of a background response's create call
-
-
-class Phase(enum.IntEnum):
-    RECEIVED = 0  # being read and checked
-    ADMITTED = 1  # a budget reservation is held
-    FORWARDED = 2  # the request went to the upstream (or is on its way)
-    RECORDED = 3  # its ledger row is submitted
-
-
-@dataclass(slots=True)
-class Timings:
-    start: float
-    sent: float | None = None  # the request went to the upstream
-    head: float | None = None  # the upstream's response head arrived
-    done: float | None = None  # the upstream's last byte arrived
-
-    @property
-    def upstream_seconds(self) -> float | None:
-        if self.sent is None or self.done is None:
-            return None
-        return self.done - self.sent
 
 
 class Call:
@@ -117,7 +98,7 @@ class Call:
         try:
             return await self._run()
         except ProxyFault as fault:
-            return await self.answer_fault(fault)
+            return await answer_fault(self, fault)
         except asyncio.CancelledError:
             detached = exchange.detach(self)
             raise
@@ -125,18 +106,19 @@ class Call:
             if self.prepared:
                 raise  # bytes went out already: aiohttp can only close the connection
             log.exception("unexpected error in call %s", self.record.id)
-            return await self.answer_fault(
+            return await answer_fault(
+                self,
                 ProxyFault(
                     500,
                     "internal_error",
                     f"meterproxy: internal error ({type(e).__name__}); the call is recorded"
                     f" as {self.record.id}",
-                )
+                ),
             )
         finally:
             if not self.recorded and not detached:
                 # Cancelled (shutdown past its grace) or a bug: still one row, still settled.
-                self.record_abnormal()
+                record_abnormal(self)
 
     async def _run(self) -> web.StreamResponse:
         _svc, request, rec = self.svc, self.request, self.record
@@ -153,7 +135,7 @@ class Call:
         self.upstream = upstream = self._upstream()
         rec.upstream, rec.provider = upstream.name, upstream.provider
         if self.metered:
-            self._resolve_price()
+            resolve_price(self)
         await self._admit(raw_body)
         strip_usage = False
         if self.body is not None:
@@ -185,33 +167,6 @@ class Call:
         rec.model_requested = model
         rec.stream = self.facts.stream or r.endpoint.stream
         return raw
-
-    def _resolve_price(self) -> None:
-        """The price of the model asked for: an Azure deployment as the model the
-        upstream's `deployments:` names for it, else as a model of its own name."""
-        assert self.upstream is not None
-        rec = self.record
-        model = rec.model_requested
-        if model is None:
-            return
-        mapped = self.upstream.deployment_model(model) if self.upstream.deployments else None
-        self.price = self.svc.prices.resolve(mapped or model)
-        rec.price_version = self.svc.prices.version
-        if self.price is None:
-            self._unknown_model(model)
-        else:
-            rec.model_priced = self.price.name
-
-    def reprice(self, served: str | None) -> None:
-        """A model the proxy could not price by what was asked (an Azure deployment with
-        no map): priced by the model the response names, when the table has it."""
-        if self.price is not None or served is None or not self.metered:
-            return
-        self.price = self.svc.prices.resolve(served)
-        if self.price is not None:
-            self.record.model_priced = self.price.name
-            if self.record.cost_pico is None:
-                self.record.cost_pico = 0
 
     def _identify(self) -> None:
         svc, request, rec = self.svc, self.request, self.record
@@ -252,22 +207,6 @@ class Call:
             hash_users=config.hash_users, salt=config.user_hash_salt,
         )  # fmt: skip
 
-    def _unknown_model(self, model: str) -> None:
-        config = self.svc.config
-        if config.unknown_model == "block":
-            raise ProxyFault(
-                400, "unknown_model",
-                f"meterproxy: model '{model}' has no price in {config.pricing_path};"
-                " add it there (or set pricing.unknown_model: allow) and retry",
-                param="model",
-            )  # fmt: skip
-        warned = self.svc.warned_models
-        if model not in warned and len(warned) < 10_000:
-            warned.add(model)
-            log.warning("model %r has no price in %s: its calls are recorded as unpriced",
-                        model, config.pricing_path)  # fmt: skip
-        self.record.cost_pico = None
-
     def _upstream(self) -> Upstream:
         assert self.route is not None
         provider = self.route.shape.name
@@ -282,20 +221,10 @@ class Call:
 
     # -- admission --------------------------------------------------------------------
 
-    def _unpriced_reason(self) -> str | None:
-        assert self.route is not None
-        ep = self.route.endpoint
-        if self.request.method == "POST" and ep.kind is Kind.UNPRICED:
-            return f"POST /{self.route.path} bills in a way the request cannot show"
-        if self.metered and self.price is None:
-            return (f"model '{self.record.model_requested}' has no price in"
-                    f" {self.svc.config.pricing_path}")  # fmt: skip
-        return None
-
     async def _admit(self, raw_body: bytes | None) -> None:
         svc, rec = self.svc, self.record
         enforcer = svc.enforcer
-        reason = self._unpriced_reason()
+        reason = unpriced_reason(self)
         if reason is not None:
             self.unpriced = True
             if svc.config.unpriced == "block" and enforcer.plan(rec.agent, rec.end_user).refuses:
@@ -437,172 +366,6 @@ class Call:
         assert self.route is not None
         rid = facts.response_id or response_id_of(self.route.path)
         await self.svc.background.observed(rid, facts)
-
-    # -- metering and recording -------------------------------------------------------
-
-    async def estimate(self, texts: list[str], overflow_chars: int = 0) -> Usage:
-        """Usage from tiktoken when the provider sent none: never 0 for unknown tokens."""
-        tokens, model = self.svc.tokens, self.record.model_requested
-        prompt = (
-            await tokens.count_prompt_async(model, self.prompt_of())
-            if self.body is not None or self.prompt is not None
-            else 0
-        )
-        # Deltas are joined first: a word split over two chunks is one token, not two.
-        joined = ["".join(texts)] if texts else []
-        output = await tokens.count_texts_async(model, joined) + -(-overflow_chars // 4)
-        return Usage(input_tokens=max(prompt, 1), output_tokens=output, source=ESTIMATED)
-
-    def prompt_of(self) -> Prompt:
-        if self.prompt is None:
-            assert self.route is not None
-            self.prompt = (
-                self.route.shape.prompt(self.route.endpoint, self.body)
-                if self.body is not None
-                else Prompt()
-            )
-        return self.prompt
-
-    def _estimate_now(self) -> Usage:
-        """The estimate for a cancelled call: synchronous (no await is possible any more),
-        so big texts are estimated at 4 characters a token instead of being tokenized."""
-        tokens, model = self.svc.tokens, self.record.model_requested
-        prompt = output = 0
-        if self.body is not None or self.prompt is not None:
-            p = self.prompt_of()
-            prompt = (
-                tokens.count(model, p.texts) + p.fixed_tokens
-                if p.chars <= _SYNC_ESTIMATE_CHARS
-                else p.chars // 4 + p.fixed_tokens
-            )
-        if self.meter is not None:
-            generated = "".join(self.meter.generated_texts())
-            chars = len(generated) + self.meter.overflow_chars
-            output = (
-                tokens.count(model, [generated]) + -(-self.meter.overflow_chars // 4)
-                if chars <= _SYNC_ESTIMATE_CHARS
-                else -(-chars // 4)
-            )
-        return Usage(input_tokens=max(prompt, 1), output_tokens=output, source=ESTIMATED)
-
-    def price_usage(self, usage: Usage | None, units: int | None = None) -> None:
-        """Set tokens and cost on the row and settle the reservation. `units`: images,
-        characters or seconds, for what is priced per unit."""
-        rec = self.record
-        if usage is None and units is None:
-            rec.cost_pico = 0
-        elif self.price is None:
-            if usage is not None:
-                rec.set_usage(usage)
-            rec.cost_pico = None
-        else:
-            cost = 0
-            if usage is not None:
-                rec.set_usage(usage)
-                cost = self.price.cost(usage)
-            if units is not None:
-                assert self.route is not None
-                unit = self.price.unit_cost(self.route.endpoint.kind.value, units, self.facts.size)
-                if unit is None and usage is None:
-                    rec.cost_pico = None
-                    self._settle()
-                    return
-                cost += unit or 0
-            rec.cost_pico = cost
-        self._settle()
-
-    def _settle(self) -> None:
-        if self.stream_budget is not None and self.ticket is not None:
-            self.record.reserved_pico = self.ticket.amount  # extensions included
-        if self.ticket is not None:
-            self.svc.enforcer.settle(self.ticket, self.record.cost_pico, self.svc.clock())
-            self.record.reserved_pico = self.ticket.amount
-
-    def _finish_row(self) -> None:
-        rec, t = self.record, self.timings
-        now = time.perf_counter()
-        rec.ended_at = self.svc.clock()
-        rec.latency_ms = round((now - t.start) * 1000, 3)
-        if t.head is not None:  # time to the upstream's first byte, on every path
-            rec.ttfb_ms = round((t.head - t.start) * 1000, 3)
-        if t.done is None and t.sent is not None:
-            t.done = now
-
-    async def commit(self) -> None:
-        self._finish_row()
-        self.phase = Phase.RECORDED
-        try:
-            await self.svc.ledger.commit(self.record)
-        finally:
-            # The log line and the observers describe a finished call, so they wait for
-            # the next turn of the loop: the caller writes the answer (or its last bytes)
-            # in this one, and the client does not wait for them (70 us a call after an
-            # idle gap). A client that hangs up meanwhile cancels the wait, not the row
-            # (the ledger holds it): its line and its metrics still follow.
-            asyncio.get_running_loop().call_soon(self._observe_after)
-
-    def _observe_after(self) -> None:
-        try:
-            self._observe()
-        except Exception:
-            log.exception("observing call %s", self.record.id)
-
-    def _observe(self) -> None:
-        forwarded = self.timings.sent is not None
-        rec = self.record
-        headers = self.request.headers
-        trace = None
-        if "traceparent" in headers:
-            trace = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
-        self.svc.after_call(rec, self.timings.upstream_seconds, forwarded, trace)
-        if self.outcome is not None and rec.intent is not None:
-            closing = self.svc.close_intent(rec.agent, rec.intent, self.outcome, "header",
-                                            rec.ended_at)  # fmt: skip
-            self.svc.chore(closing, "recording an intent's outcome")
-
-    def record_abnormal(self) -> None:
-        rec = self.record
-        if rec.status == 0:
-            rec.status = 499  # the client's request ended before an answer (nginx's code)
-        if rec.error is None:
-            rec.error = (
-                "cancelled at shutdown"
-                if self.svc.shutting_down
-                else "cancelled: the client disconnected"
-            )
-        if self.ticket is not None and not self.ticket.settled:
-            if self.timings.sent is not None and self.price is not None:
-                self.price_usage(self._estimate_now())
-            else:
-                self.price_usage(None)
-        self._finish_row()
-        self.phase = Phase.RECORDED
-        self.svc.ledger.submit(rec)
-        self._observe()
-
-    async def answer_fault(self, fault: ProxyFault) -> web.StreamResponse:
-        rec = self.record
-        rec.status = fault.status
-        rec.error = f"{fault.code}: {fault.message}"
-        rec.refused = fault.type in (BUDGET_ERROR, UNAVAILABLE_ERROR)
-        if self.ticket is not None and not self.ticket.settled:
-            # Nothing reached the provider, or it did and never answered: then estimate.
-            self.price_usage(await self.estimate([]) if self.maybe_billed and self.price else None)
-        elif rec.cost_pico is not None:
-            rec.cost_pico = 0
-        await self.commit()
-        headers = {**fault.headers, "x-meter-request-id": rec.id}
-        shape = self.route.shape if self.route is not None else None
-        body = (
-            shape.error_body(fault.status, fault.type, fault.code, fault.message, fault.param)
-            if shape is not None
-            else fault.body()
-        )
-        response = web.Response(status=fault.status, body=body, headers=headers,
-                                content_type="application/json")  # fmt: skip
-        if fault.status in (408, 413):
-            response.force_close()  # the rest of the body was never read: drop it with us
-        return response
 
 
 def _query(request: web.Request, proxy_keys: bool) -> str:

@@ -15,6 +15,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from proxy import relay
+from proxy.call_cost import settle_unanswered
+from proxy.call_end import commit, record_abnormal
 from proxy.errors import ProxyFault
 from proxy.faults import Stage
 from proxy.http1 import Response
@@ -100,21 +102,19 @@ async def _finish_detached(call: Call, response: Response) -> None:
             _, body = await answer(call, response)
             if body is None:  # it streams: streams are cut with their client
                 rec.error = "cancelled: the client disconnected"
-                call.record_abnormal()
+                record_abnormal(call)
                 return
             await relay.meter_json(call, response, body)
             rec.status = 499
             rec.error = (rec.error + "; " if rec.error else "") + (
                 "client disconnected; the upstream's answer was recorded")  # fmt: skip
-            await call.commit()
+            await commit(call)
         finally:
             response.release()
     except ProxyFault as fault:
         rec.status, rec.error = 499, f"client disconnected; then {fault.code}: {fault.message}"
-        if call.ticket is not None and not call.ticket.settled:
-            call.price_usage(await call.estimate([]) if call.maybe_billed and call.price
-                             else None)  # fmt: skip
-        await call.commit()
+        await settle_unanswered(call)
+        await commit(call)
     finally:
         if not call.recorded:
-            call.record_abnormal()
+            record_abnormal(call)

@@ -14,6 +14,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
+from proxy.call_cost import estimate, price_usage, reprice
+from proxy.call_end import commit
 from proxy.decoding import DecodeError, decode_all
 from proxy.http1 import Response
 from proxy.money import usd_exact
@@ -57,7 +59,7 @@ async def meter_json(call: Call, response: Response, data: bytes) -> None:
     rec.status = response.status
     if not 200 <= response.status < 300:
         rec.error = error_text(call, response.status, data)
-        call.price_usage(None)
+        price_usage(call, None)
         return
     error = None
     try:
@@ -67,12 +69,12 @@ async def meter_json(call: Call, response: Response, data: bytes) -> None:
     obj = _loads(body) if body else None
     facts = shape.body_facts(ep, obj)
     rec.model_served = facts.model
-    call.reprice(facts.model)
+    reprice(call, facts.model)
     if not await call.absorb(facts):
         return  # a background response: billed when it finishes
     if ep.kind is Kind.SPEECH:  # audio bytes back: the characters sent are the measure
         rec.usage_source = REQUEST
-        call.price_usage(None, call.facts.units)
+        price_usage(call, None, call.facts.units)
         return
     units = facts.units
     if ep.kind is Kind.TRANSCRIPTION and facts.usage is None and units is None:
@@ -80,7 +82,7 @@ async def meter_json(call: Call, response: Response, data: bytes) -> None:
         rec.usage_source = ESTIMATED
         rec.error = f"no usage or duration in the answer: billed for {units}s, from the file"
     if facts.usage is not None or units is not None:
-        call.price_usage(facts.usage, units)
+        price_usage(call, facts.usage, units)
         if facts.usage is None and rec.usage_source not in (ESTIMATED,):
             rec.usage_source = "provider"
         return
@@ -93,7 +95,7 @@ async def meter_json(call: Call, response: Response, data: bytes) -> None:
     else:
         rec.error = facts.usage_error
         texts = list(shape.output_texts(ep, obj))
-    call.price_usage(await call.estimate(texts))
+    price_usage(call, await estimate(call, texts))
 
 
 async def json(call: Call, response: Response, data: bytes) -> web.StreamResponse:
@@ -107,7 +109,7 @@ async def json(call: Call, response: Response, data: bytes) -> web.StreamRespons
     )
     if len(data) > 1 and len(call.svc.inflight) <= 1:
         return await _all_but_the_last_byte_first(call, response.status, headers, data)
-    await call.commit()
+    await commit(call)
     call.response = web.Response(status=response.status, body=data, headers=headers)
     return call.response
 
@@ -125,7 +127,7 @@ async def _all_but_the_last_byte_first(
         await out.write(data[:-1])
     except ConnectionResetError:
         call.client_gone = True
-    await call.commit()
+    await commit(call)
     if call.client_gone:
         return out
     try:
@@ -150,14 +152,14 @@ async def retrieved(call: Call, response: Response) -> web.StreamResponse:
         return await raw(call, response, first=data)
     rec = call.record
     rec.status = response.status
-    call.price_usage(None)
+    price_usage(call, None)
     with contextlib.suppress(DecodeError):
         body = decode_all(data, response.headers.get("Content-Encoding"))
         assert call.route is not None
         await call.observed(call.route.shape.body_facts(call.route.endpoint, _loads(body)))
     headers = response_headers(response.headers)
     headers["x-meter-request-id"] = rec.id
-    await call.commit()
+    await commit(call)
     call.response = web.Response(status=response.status, body=data, headers=headers)
     return call.response
 
@@ -181,14 +183,14 @@ async def prepared(
 
 
 async def raw(
-    call: Call, response: Response, *, estimate: bool = False, first: bytes = b""
+    call: Call, response: Response, *, estimated: bool = False, first: bytes = b""
 ) -> web.StreamResponse:
     """Unmetered paths (and a stream the proxy cannot decode): bytes through as they come,
     after `first` (what was read already); the last chunk waits for the row."""
     rec = call.record
     rec.status = response.status
-    if not estimate:
-        call.price_usage(None)
+    if not estimated:
+        price_usage(call, None)
         if call.unpriced and 200 <= response.status < 300:
             rec.cost_pico = None  # it bills; what, the proxy cannot know
     out, _ = await prepared(
@@ -210,11 +212,11 @@ async def raw(
             raise
         error = f"upstream body cut: {type(e).__name__}"
     call.timings.done = time.perf_counter()
-    if estimate:
-        call.price_usage(await call.estimate([]))
+    if estimated:
+        price_usage(call, await estimate(call, []))
     if error:
         rec.error = error
-    await call.commit()
+    await commit(call)
     if error:
         if call.request.transport is not None:
             call.request.transport.close()

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from proxy.call_cost import estimate, price_usage, reprice
+from proxy.call_end import commit
 from proxy.decoding import DecodeError, Decoder, decoder
 from proxy.enforcer import Refusal
 from proxy.errors import BUDGET_ERROR
@@ -93,7 +95,7 @@ async def stream(call: Call, response: Response, strip_usage: bool) -> web.Strea
         decode = decoder(response.headers.get("Content-Encoding"))
     except DecodeError as e:
         rec.error = f"upstream stream is {e}"
-        return await raw(call, response, estimate=True)
+        return await raw(call, response, estimated=True)
     if decode is not None:
         # Events are read, and may be changed (a usage chunk dropped, a cut): the client
         # gets them decoded, as it would from an upstream that honoured identity.
@@ -131,7 +133,7 @@ async def stream(call: Call, response: Response, strip_usage: bool) -> web.Strea
         rec.error = "client disconnected mid-stream"
     elif cut:
         rec.error = cut
-    await call.commit()
+    await commit(call)
     if refusal is not None:
         message = (f"meterproxy: {refusal.message}. The stream was cut here: what it generated"
                    " up to this point is billed")  # fmt: skip
@@ -190,18 +192,18 @@ async def _meter(call: Call, response: Response, meter: StreamMeter) -> None:
     assert call.route is not None
     rec.status = response.status
     rec.model_served = meter.model
-    call.reprice(meter.model)
+    reprice(call, meter.model)
     facts = meter.facts
     facts.response_id = facts.response_id or getattr(meter.reader, "response_id", None)
     if not 200 <= response.status < 300:
         rec.error = "upstream stream answered an error"
-        call.price_usage(None)
+        price_usage(call, None)
     elif facts.usage is None:
         rec.error = facts.usage_error
         await call.absorb(facts)
-        call.price_usage(await call.estimate(meter.generated_texts(), meter.overflow_chars))
+        price_usage(call, await estimate(call, meter.generated_texts(), meter.overflow_chars))
     elif await call.absorb(facts):
-        call.price_usage(facts.usage)
+        price_usage(call, facts.usage)
     if facts.usage is not None and call.route.endpoint.name == "responses/retrieve":
         await call.observed(facts)
 

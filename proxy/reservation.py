@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from proxy.call_cost import prompt_of
 from proxy.errors import BUDGET_ERROR, ProxyFault
 from proxy.images import DEFAULT_RULE, ImageRule
 from proxy.pricing import ModelPrice, Rates
@@ -118,7 +119,7 @@ async def reserve(call: Call) -> Reservation:
     tier = resolve_tier(facts.service_tier, call.upstream.default_service_tier)
     if ep.kind is not Kind.TOKENS:
         return await _units(call, price, tier)
-    prompt = call.prompt_of()
+    prompt = prompt_of(call)
     model = call.record.model_requested
     text = svc.tokens.count_small_prompt(model, prompt)
     if text is None:
@@ -200,7 +201,7 @@ async def _units(call: Call, price: ModelPrice, tier: str | None) -> Reservation
     facts, kind = call.facts, call.route.endpoint.kind
     rates = price.rates_for(tier, 0)
     units = price.units
-    prompt = await call.svc.tokens.count_prompt_async(call.record.model_requested, call.prompt_of())
+    prompt = await call.svc.tokens.count_prompt_async(call.record.model_requested, prompt_of(call))
     input_tokens = prompt + facts.input_images * _EDIT_IMAGE_TOKENS
     input_cost = input_tokens * rates.dearest_input
     amount = input_cost
