@@ -120,8 +120,6 @@ class Process:
 
     def cpu_times(self) -> tuple[float, float]:
         """(user, system) CPU seconds of the process, every thread."""
-        if self.proc.pid is None:
-            return 0.0, 0.0
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
@@ -427,13 +425,13 @@ def report(
                     str(r.errors),
                 ]
             )
-        f, m = lat[("floor", scenario)], lat[("meterproxy", scenario)]
+        fl, ml = lat[("floor", scenario)], lat[("meterproxy", scenario)]
         rows.append(
             [
                 f"{scenario}, meterproxy - floor",
-                ms(m.pct(m.latencies, 50) - f.pct(f.latencies, 50)),
+                ms(ml.pct(ml.latencies, 50) - fl.pct(fl.latencies, 50)),
                 "",
-                ms(m.pct(m.latencies, 99) - f.pct(f.latencies, 99)),
+                ms(ml.pct(ml.latencies, 99) - fl.pct(fl.latencies, 99)),
                 "",
                 "",
                 "",

@@ -112,7 +112,7 @@ def main() -> None:
     upstream = Process("fake upstream",
                        pinned(1, [py, "-m", "bench.fake_upstream", "--port", str(up_port)]),
                        up_port, workdir / "upstream.log")  # fmt: skip
-    rows = []
+    rows: list[list[str]] = []
     try:
         upstream.wait_ready()
         for scenario in scenarios:

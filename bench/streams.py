@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.__main__ import Process, free_ports, pinned
 from bench.stream_load import run_clients, run_fast, serve_upstream
@@ -62,7 +63,7 @@ def _children_cpu() -> float:
 
 def run_target(
     name: str, proc: Process, upstream: Process, args: argparse.Namespace, work: Path
-) -> dict:
+) -> dict[str, Any]:
     warm = work / f"{name}-warm.json"
     subprocess.run(client_argv(proc.port, 50, 1, 1, warm), check=True)
     idle = proc.rss_mb()
@@ -78,7 +79,7 @@ def run_target(
         time.sleep(0.5)
         peak = max(peak, proc.rss_mb())
     wall = time.monotonic() - began
-    data: dict = json.loads(out.read_text())
+    data: dict[str, Any] = json.loads(out.read_text())
     user, system = (t - t0 for t, t0 in zip(proc.cpu_times(), (user0, sys0), strict=True))
     # The client and the fake upstream share one core: near all of it, chunks queue on
     # the load side, and that wait is measured as the proxy's delay.
