@@ -191,12 +191,19 @@ class StreamMeter:
     def _count_texts(self, events: Iterable[bytes]) -> None:
         """The generated text of plain events: for a stream budget, and kept for an
         estimate (the common case of `_event`, without its per-event routing)."""
+        reader = self.reader
         for event in events:
             if event.startswith(b"data: ") and b"\n" not in event:
                 payload = event[6:]
             else:
                 payload = _payload(event)
-            self._take_texts(_json(payload))
+            text = reader.plain_text(payload)
+            if text is None:
+                self._take_texts(_json(payload))
+            else:
+                if self.count_output:
+                    self.fresh.append(text)
+                self._text(text)
 
     def _take_texts(self, obj: Any) -> None:
         """An event's generated text: kept for an estimate, and fresh for a stream budget."""

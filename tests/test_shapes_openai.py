@@ -89,3 +89,59 @@ def test_output_texts_of_every_shape() -> None:
     assert list(output_texts({"type": "response.output_text.delta", "delta": "d"})) == ["d"]
     resp = {"object": "response", "output": [{"content": [{"type": "output_text", "text": "e"}]}]}
     assert list(output_texts(resp)) == ["e"]
+
+
+# A stream chunk's text read without parsing it must be exactly what parsing reads, or
+# nothing (then the chunk is parsed): every shape a provider or a bug may send.
+_CHUNK = '{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":%s,"finish_reason":null}]}'
+
+
+@pytest.mark.parametrize(
+    ("payload", "read"),
+    [
+        (_CHUNK % '{"content":" the"}', " the"),
+        (_CHUNK % '{"content":""}', ""),
+        (_CHUNK % '{"content":"é 日本 🙂"}', "é 日本 🙂"),
+        (_CHUNK % '{"content":"a}b]c,d:{"}', "a}b]c,d:{"),
+        # Escapes: orjson decodes them.
+        (_CHUNK % '{"content":"say \\"hi\\"\\n"}', None),
+        (_CHUNK % '{"content":"\\u00e9"}', None),
+        (_CHUNK % '{"content":"\\\\"}', None),
+        # A delta that is more than its content.
+        (_CHUNK % '{"role":"assistant","content":""}', None),
+        (_CHUNK % '{"content":"x","refusal":null}', None),
+        (_CHUNK % '{"content":null}', None),
+        (_CHUNK % '{"content": "spaced"}', None),
+        (_CHUNK % '{"tool_calls":[{"index":0,"function":{"arguments":"{\\"a\\":1}"}}]}', None),
+        (_CHUNK % '{"reasoning_content":"think"}', None),
+        ('{"choices":[]}', None),
+        ('{"choices":[{"index":0,"text":"legacy"}]}', None),
+        # Two choices (n=2): the general path reads both.
+        (
+            '{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
+            None,
+        ),
+        (
+            '{"choices":[{"index":0,"delta":{"role":"assistant"}},'
+            '{"index":1,"delta":{"content":"b"}}]}',
+            None,
+        ),
+        # Not valid UTF-8 (a provider's bug): parsed, and orjson refuses it.
+        (b'{"choices":[{"index":0,"delta":{"content":"\xff"}}]}', None),
+        # Unterminated: parsed (and found to be no JSON).
+        ('{"choices":[{"index":0,"delta":{"content":"cut', None),
+        ("[DONE]", None),
+    ],
+)
+def test_plain_text_reads_a_chunk_as_parsing_it_would(
+    payload: str | bytes, read: str | None
+) -> None:
+    import orjson
+
+    from proxy.shapes.openai import ChatReader
+
+    raw = payload.encode() if isinstance(payload, str) else payload
+    reader = ChatReader(strip_usage=False)
+    assert reader.plain_text(raw) == read
+    if read is not None:
+        assert list(reader.texts(orjson.loads(raw))) == [read]

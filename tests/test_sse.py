@@ -125,3 +125,20 @@ def test_a_long_stream_holds_one_string_of_its_text_not_its_events() -> None:
         assert sum(len(c) for c in chunks) > 200_000  # far past what may be kept raw
         assert "".join(meter.generated_texts()) == expected
         assert fresh == ([f" w{i % 97}" for i in range(3000)] if count_output else [])
+
+
+def test_chunks_read_without_parsing_count_the_same_text_as_parsed_ones() -> None:
+    contents = ["plain ", 'quoted "x" ', "line\n", "é🙂 ", "\\ ", "tab\t"]
+    chunks = [{**CHUNK, "choices": [{"index": 0, "delta": {"content": c}}]} for c in contents]
+    two = {"id": "c", "choices": [{"index": 0, "delta": {"content": "A"}},
+                                  {"index": 1, "delta": {"content": "B"}}]}  # fmt: skip
+    first = {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    stream = [event(first)] + [event(c) for c in chunks] + [event(two), event(USAGE), DONE]
+    for whole_reads in (False, True):
+        meter = StreamMeter(ChatReader(True), count_output=True)
+        reads = [b"".join(stream)] if whole_reads else stream
+        out = b"".join(meter.feed(r) for r in reads) + meter.finish()
+        # Everything passes, but the usage chunk the proxy asked for (and its nulls).
+        assert out == b"".join([*stream[:-2], DONE]).replace(b',"usage":null', b"")
+        assert "".join(meter.take_fresh()) == "".join(contents) + "AB"
+        assert "".join(meter.generated_texts()) == "".join(contents) + "AB"

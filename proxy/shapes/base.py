@@ -126,6 +126,11 @@ class Marked:
         found = [p for marker in self.markers if (p := data.find(marker)) >= 0]
         return min(found) if found else -1
 
+    def plain_text(self, payload: bytes) -> str | None:
+        """The generated text of an event's data, read without parsing it, where the
+        reader knows its usual shape; None: parse it."""
+        return None
+
 
 class StreamReader(Protocol):
     """One stream's events, read for metering. `event()` sees every event that has one
@@ -148,6 +153,10 @@ class StreamReader(Protocol):
 
     def texts(self, obj: Any) -> Iterable[str]:
         """The generated text in an event, for counting output tokens."""
+
+    def plain_text(self, payload: bytes) -> str | None:
+        """The generated text of an event's data (`texts()` of it), read without parsing
+        it when the event has the usual shape; None: parse it and ask `texts()`."""
 
     def rewrite(self, data: bytes) -> bytes:
         """Bytes as the client would have had them (e.g. without `"usage":null`)."""
