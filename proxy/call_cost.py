@@ -150,11 +150,9 @@ def price_usage(call: Call, usage: Usage | None, units: int | None = None) -> No
 
 
 def _settle(call: Call) -> None:
-    if call.stream_budget is not None and call.ticket is not None:
-        call.record.reserved_pico = call.ticket.amount  # extensions included
     if call.ticket is not None:
         call.svc.enforcer.settle(call.ticket, call.record.cost_pico, call.svc.clock())
-        call.record.reserved_pico = call.ticket.amount
+        call.record.reserved_pico = call.ticket.amount  # a stream budget's extensions included
 
 
 async def settle_unanswered(call: Call) -> None:
