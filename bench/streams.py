@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -88,7 +89,34 @@ def run_target(
     data["cpu_us_per_chunk"] = (user + system) / max(data["chunks"], 1) * 1e6
     data["system_share"] = system / max(user + system, 1e-9)
     data["idle_mb"], data["peak_mb"] = idle, peak
+    data["window"] = (time.time() - wall, time.time())
     return data
+
+
+def gc_env(work: Path, name: str) -> dict[str, str]:
+    """What makes a proxy record its collector's pauses (`bench/gc_probe`)."""
+    probe = str(Path(__file__).parent / "gc_probe")
+    path = os.environ.get("PYTHONPATH")
+    return {
+        "PYTHONPATH": probe + (os.pathsep + path if path else ""),
+        "BENCH_GC_PAUSES": str(work / f"{name}-gc.json"),
+    }
+
+
+def gc_line(work: Path, name: str, window: tuple[float, float]) -> str:
+    """The collector's pauses while the streams ran: the longest stall every stream took."""
+    file = work / f"{name}-gc.json"
+    if not file.exists():
+        return f"{name}: no record of its collector (it did not exit cleanly)"
+    pauses = [p for p in json.loads(file.read_text()) if window[0] <= p[0] <= window[1]]
+    if not pauses:
+        return f"{name}: no collection of 0.5 ms or more"
+    worst = max(pauses, key=lambda p: p[1])
+    over = sum(1 for p in pauses if p[1] >= 5)
+    return (
+        f"{name}: {len(pauses)} collections of 0.5 ms or more, {over} of 5 ms or more;"
+        f" the longest {worst[1]:.1f} ms (generation {worst[2]})"
+    )
 
 
 def chunk_ms(text: str) -> tuple[int, int]:
@@ -177,12 +205,14 @@ def main() -> None:
             ),
             ports["floor"],
             work / "floor.log",
+            env=gc_env(work, "floor"),
         ),
         "meterproxy": Process(
             "meterproxy",
             pinned(0, [py, "-m", "proxy", "serve", "--config", str(work / "meterproxy.yaml")]),
             ports["meterproxy"],
             work / "mp.log",
+            env=gc_env(work, "meterproxy"),
         ),
     }
     try:
@@ -200,8 +230,10 @@ def main() -> None:
             f"{'p99 ms':>8}{'KB/stream':>11}{'CPU us/chunk':>14}{'kernel':>8}"
             f"{'RSS MB idle/peak':>19}{'load core':>11}"
         )
+        windows = {}
         for name in ("floor", "meterproxy"):
             r = run_target(name, procs[name], procs["upstream"], args, work)
+            windows[name] = r["window"]
             print(
                 f"{name:<11}{r['ok']:>7.0f}{r['failed']:>8.0f}{r['chunks']:>10.0f}"
                 f"{r['p50']:>11.2f}{r['p99']:>8.2f}{r['rss_per_stream_kb']:>11.1f}"
@@ -219,6 +251,9 @@ def main() -> None:
     finally:
         for proc in procs.values():
             proc.stop()
+    print("The cycle collector's pauses while the streams ran (each stalls every stream):")
+    for name, window in windows.items():
+        print(f"  {gc_line(work, name, window)}")
 
 
 if __name__ == "__main__":
