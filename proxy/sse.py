@@ -201,15 +201,10 @@ class StreamMeter:
             if text is None:
                 self._take_texts(_json(payload))
             else:
-                if self.count_output:
-                    self.fresh.append(text)
                 self._text(text)
 
     def _take_texts(self, obj: Any) -> None:
-        """An event's generated text: kept for an estimate, and fresh for a stream budget."""
         for text in self.reader.texts(obj):
-            if self.count_output:
-                self.fresh.append(text)
             self._text(text)
 
     def _after(self, data: bytes) -> None:
@@ -255,6 +250,9 @@ class StreamMeter:
             self._fold()
 
     def _text(self, text: str) -> None:
+        """A piece of generated text: fresh for a stream budget, kept for an estimate."""
+        if self.count_output:
+            self.fresh.append(text)
         if self._text_chars < _KEEP_TEXT_CHARS:
             texts = self.texts
             texts.append(text)
