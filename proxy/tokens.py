@@ -122,8 +122,7 @@ class TokenCounter:
         small = self.count_small_prompt(model, prompt)
         if small is not None:
             return small
-        counted = await asyncio.to_thread(self.count, model, prompt.texts)
-        return counted + prompt.fixed_tokens
+        return await asyncio.to_thread(self.count_prompt, model, prompt)
 
     async def count_texts_async(self, model: str | None, texts: list[str]) -> int:
         if sum(len(t) for t in texts) <= THREAD_THRESHOLD_CHARS:
